@@ -1,0 +1,47 @@
+# Two commands from a fresh clone: `make run` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup data run test bundled-model sample-catalog clean help
+
+help:
+	@echo "make run    tag sample_catalog/ with the bundled model into tags.parquet"
+	@echo "make test   run the whole test suite (installs everything, incl. Fashion-MNIST)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fashion-MNIST from the Debian/Ubuntu package (no internet needed beyond the package mirror).
+data:
+	@if [ -n "$$CATALOG_TAGGER_DATA" ] || [ -f $(FMNIST)/t10k-images-idx3-ubyte.gz ] || [ -f $(FMNIST)/t10k-images-idx3-ubyte ]; then \
+	  echo "Fashion-MNIST: found"; \
+	else \
+	  echo "Fashion-MNIST: installing the Debian package dataset-fashion-mnist"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+run: setup
+	$(BIN)/catalog-tagger tag sample_catalog --out tags.parquet
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+# Re-train the model shipped inside the package (its card records this command).
+bundled-model: setup data
+	$(BIN)/catalog-tagger train --out runs/fashion-garment-cnn --seed 0
+	cp runs/fashion-garment-cnn/model.safetensors runs/fashion-garment-cnn/model.json catalog_tagger/models/
+
+sample-catalog: setup data
+	$(BIN)/python sample_catalog/generate.py
+
+clean:
+	rm -rf $(VENV) runs tags.parquet tags.summary.json .pytest_cache

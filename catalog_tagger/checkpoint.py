@@ -1,0 +1,186 @@
+"""Saving and loading models: safetensors weights plus a JSON model card.
+
+A model on disk is two files side by side, ``NAME.safetensors`` and ``NAME.json``. The
+card carries the model config (so loading never needs the training flags), the class
+names, the preprocessing, metrics and provenance, and the sha256 of the weights: a
+weights file that does not match its card is refused, never silently used.
+
+Nothing here unpickles: weights go through safetensors, training state through
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ModelError
+from .model import GarmentNet, ModelConfig, build_model
+
+CARD_FORMAT = 1
+BUNDLED_DIR = Path(__file__).parent / "models"
+BUNDLED_NAME = "model"
+
+
+@dataclass
+class LoadedModel:
+    model: GarmentNet
+    config: ModelConfig
+    card: dict[str, Any]
+    weights_path: Path
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.config.classes
+
+    @property
+    def sha256(self) -> str:
+        return str(self.card["weights_sha256"])
+
+    @property
+    def ident(self) -> str:
+        """Name plus a short weights hash: what output rows record as their model."""
+        return f"{self.card.get('name', self.weights_path.stem)}@sha256:{self.sha256[:12]}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_model(model: GarmentNet, card: dict[str, Any], weights_path: Path) -> dict[str, Any]:
+    """Write weights and card; returns the card completed with config, file name and sha256."""
+    weights_path = Path(weights_path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = weights_path.with_name(f".{weights_path.name}.tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "card": weights_path.with_suffix(".json").name})
+    os.replace(tmp, weights_path)
+    card = {
+        "card_format": CARD_FORMAT,
+        **card,
+        "model_config": model.config.to_dict(),
+        "classes": list(model.config.classes),
+        "weights_file": weights_path.name,
+        "weights_sha256": sha256_file(weights_path),
+    }
+    atomic_write_json(weights_path.with_suffix(".json"), card)
+    return card
+
+
+def _resolve(path: Path) -> tuple[Path, Path]:
+    """Accept a folder, a weights file or a card; return (weights, card)."""
+    path = Path(path)
+    if path.is_dir():
+        cards = sorted(path.glob("*.json"))
+        cards = [c for c in cards if c.with_suffix(".safetensors").exists()]
+        if len(cards) != 1:
+            raise ModelError(f"{path}: expected one NAME.safetensors with its NAME.json card, found {len(cards)}")
+        return cards[0].with_suffix(".safetensors"), cards[0]
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if path.suffix == ".json":
+        return path.with_suffix(".safetensors"), path
+    return path, path.with_suffix(".json")
+
+
+def read_card(card_path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(Path(card_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"model card not found: {card_path} (every model needs its JSON card beside it)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model card {card_path} is not valid JSON: {exc}") from exc
+    if not isinstance(card, dict) or "weights_sha256" not in card or "model_config" not in card:
+        raise ModelError(f"{card_path} is not a catalog-tagger model card (no weights_sha256/model_config)")
+    return card
+
+
+def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | None = None) -> LoadedModel:
+    """Load a model after checking its weights against the card; the bundled one by default."""
+    weights_path, card_path = _resolve(path if path is not None else bundled_model_path())
+    card = read_card(card_path)
+    if not weights_path.is_file():
+        raise ModelError(f"weights file not found: {weights_path}")
+    actual = sha256_file(weights_path)
+    if actual != card["weights_sha256"]:
+        raise ModelError(
+            f"{weights_path} does not match its card (sha256 {actual[:12]}..., card says "
+            f"{str(card['weights_sha256'])[:12]}...): refusing a modified or mismatched model"
+        )
+    try:
+        config = ModelConfig.from_dict(card["model_config"])
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{card_path}: invalid model config: {exc}") from exc
+    if list(config.classes) != list(card.get("classes", config.classes)):
+        raise ModelError(f"{card_path}: class list disagrees with the model config")
+    if expected_classes is not None and tuple(expected_classes) != config.classes:
+        raise ModelError(f"{card_path}: model classes {list(config.classes)} differ from the expected {list(expected_classes)}")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"{weights_path}: weights do not fit the card's model config ({first})") from exc
+    return LoadedModel(model.eval(), config, card, weights_path)
+
+
+def bundled_model_path() -> Path:
+    path = BUNDLED_DIR / f"{BUNDLED_NAME}.safetensors"
+    if not path.exists():
+        raise ModelError(f"the bundled model is missing from the installation ({path}); reinstall catalog-tagger")
+    return path
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    """Atomically save resumable training state (tensors and plain Python values only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"no checkpoint to resume from at {path}") from None
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        raise ModelError(f"cannot resume from {path}: not a valid catalog-tagger checkpoint ({exc.__class__.__name__})") from exc

@@ -1,0 +1,192 @@
+"""The command line: a thin Click layer over the library.
+
+Each command parses its options into a config dataclass (whose fields are the defaults),
+calls one library function, and turns ``CatalogTaggerError`` into one line on stderr and
+the documented exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .config import DEVICES, EvalConfig, TagConfig, TrainConfig
+from .errors import EXIT_CODES, CatalogTaggerError
+from .writers import WRITERS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
+
+def default(config_cls: type, name: str) -> Any:
+    """The default of a config field, so options and library share one source."""
+    return {f.name: f.default for f in fields(config_cls)}[name]
+
+
+def reports_errors(func: F) -> F:
+    """Turn foreseeable errors into one clear line and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CatalogTaggerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="catalog-tagger")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Tag product photos with garment types, and train or evaluate the model behind it."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = {"progress": not quiet}
+
+
+def _progress(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("progress"))
+
+
+device_option = click.option(
+    "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+    help="Where the model runs; auto uses a CUDA GPU when present.",
+)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--out", type=click.Path(path_type=Path), default=default(TrainConfig, "out"), show_default=True,
+              help="Folder for the checkpoint, model.safetensors, its card and curves.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--epochs", type=click.IntRange(1), default=default(TrainConfig, "epochs"), show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=default(TrainConfig, "batch_size"), show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=default(TrainConfig, "lr"), show_default=True,
+              help="Peak learning rate of the one-cycle schedule.")
+@click.option("--seed", type=int, default=default(TrainConfig, "seed"), show_default=True)
+@click.option("--val-size", type=click.IntRange(1), default=default(TrainConfig, "val_size"), show_default=True,
+              help="Training images held out for validation.")
+@device_option
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.pass_context
+@reports_errors
+def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
+          seed: int, val_size: int, device: str, resume: bool) -> None:
+    """Train a garment classifier on Fashion-MNIST."""
+    from .train import fit
+
+    config = TrainConfig(out=out, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         val_size=val_size, device=device, resume=resume)
+    command = " ".join(shlex.quote(a) for a in ["catalog-tagger", *sys.argv[1:]])
+    card = fit(config, command=command, progress=_progress(ctx))
+    metrics = card["metrics"]
+    click.echo(
+        f"trained {card['training']['seconds']:.0f}s: val accuracy {metrics['val_accuracy']:.4f}, "
+        f"test accuracy {metrics['test_accuracy']:.4f} -> {out / card['weights_file']}",
+        err=True,
+    )
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--model", type=click.Path(path_type=Path), help="Model (.safetensors, card .json or folder); default: bundled.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for the report files (metrics, confusion matrix, grid).")
+@click.option("--batch-size", type=click.IntRange(1), default=default(EvalConfig, "batch_size"), show_default=True)
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on stdout.")
+@click.pass_context
+@reports_errors
+def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out: Path | None, batch_size: int,
+             device: str, as_json: bool) -> None:
+    """Measure a model on the Fashion-MNIST test set."""
+    from .evaluate import evaluate_model
+
+    config = EvalConfig(model=model, data_dir=data_dir, out=out, batch_size=batch_size, device=device)
+    result = evaluate_model(config, progress=_progress(ctx))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"accuracy {result['accuracy']:.4f} on {result['n']} images (macro F1 {result['macro']['f1']:.4f})")
+    width = max(len(name) for name in result["per_class"])
+    click.echo(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, row in result["per_class"].items():
+        click.echo(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  {row['support']:7d}")
+    if result.get("report_files"):
+        click.echo("report: " + ", ".join(result["report_files"]))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=default(TagConfig, "out"), show_default=True,
+              help="Output file; the format follows its extension unless --format is given.")
+@click.option("--format", "fmt", type=click.Choice(sorted(WRITERS)), help="Output format (default: from --out).")
+@click.option("--model", type=click.Path(path_type=Path), help="Model (.safetensors, card .json or folder); default: bundled.")
+@click.option("--batch-size", type=click.IntRange(1), default=default(TagConfig, "batch_size"), show_default=True)
+@click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core, at most 8).")
+@device_option
+@click.option("--top-k", type=click.IntRange(1), default=default(TagConfig, "top_k"), show_default=True,
+              help="How many ranked labels each row lists.")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=default(TagConfig, "review_threshold"),
+              show_default=True, help="Rows with a lower confidence get needs_review = true.")
+@click.option("--ext", "extensions", multiple=True, help="File extension to tag in a folder (repeatable; "
+              f"default: {', '.join(default(TagConfig, 'extensions'))}).")
+@click.option("--path-col", default=default(TagConfig, "path_col"), show_default=True, help="Manifest column with image paths.")
+@click.option("--id-col", help="Manifest column with image ids (default: the path).")
+@click.option("--max-error-rate", type=click.FloatRange(0, 1),
+              help="Exit with code 7 (after writing) when a larger share of images failed.")
+@click.option("--shard-size", type=click.IntRange(1), default=default(TagConfig, "shard_size"), show_default=True,
+              help="Images per committed shard (the unit of --resume).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run, keeping its finished shards.")
+@click.option("--incremental", type=click.Path(path_type=Path),
+              help="Previous output: unchanged images (path, size, mtime) are carried over, not re-tagged.")
+@click.option("--hash", "use_hash", is_flag=True, help="Record content sha256; with --incremental, compare it too.")
+@click.option("--max-pixels", type=click.IntRange(1), default=default(TagConfig, "max_pixels"), show_default=True,
+              help="Images needing more decoded pixels are rejected as too_large.")
+@click.pass_context
+@reports_errors
+def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Path | None, batch_size: int,
+        workers: int | None, device: str, top_k: int, review_threshold: float, extensions: tuple[str, ...],
+        path_col: str, id_col: str | None, max_error_rate: float | None, shard_size: int, resume: bool,
+        incremental: Path | None, use_hash: bool, max_pixels: int) -> None:
+    """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
+
+    Every input gets exactly one row, in input order; images that cannot be used get a
+    status and an error message instead of a label. A summary goes to stderr and to
+    OUT's name with .summary.json.
+    """
+    from .run import check_error_rate, run_tagging
+
+    config = TagConfig(
+        source=source, out=out, model=model, batch_size=batch_size, workers=workers, device=device, top_k=top_k,
+        review_threshold=review_threshold, format=fmt,
+        extensions=extensions or default(TagConfig, "extensions"), path_col=path_col, id_col=id_col,
+        max_error_rate=max_error_rate, shard_size=shard_size, resume=resume, incremental=incremental,
+        hash=use_hash, max_pixels=max_pixels,
+    )
+    summary = run_tagging(config, progress=_progress(ctx))
+    if not ctx.find_root().params.get("quiet"):
+        click.echo(summary.text(), err=True)
+    check_error_rate(summary, max_error_rate)
+
+
+def main() -> None:
+    cli(prog_name="catalog-tagger")
+

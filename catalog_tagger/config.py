@@ -1,0 +1,70 @@
+"""Frozen dataclasses: the single source of defaults.
+
+The CLI reads its option defaults from these classes, so a default is changed in one
+place and the help text, the library and the model card all follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path = Path("runs/train")
+    data_dir: Path | None = None
+    epochs: int = 16
+    batch_size: int = 256
+    lr: float = 0.08
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    val_size: int = 5000
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    # Bounded so that progress bars and curves stay meaningful on tiny test datasets.
+    eval_batch_size: int = 1024
+    widths: tuple[int, ...] = (32, 64, 128)
+    stem_width: int = 24
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: Path | None = None
+    data_dir: Path | None = None
+    out: Path | None = None
+    batch_size: int = 1024
+    device: str = "auto"
+    grid_size: int = 36
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    source: Path = Path(".")
+    out: Path = Path("tags.parquet")
+    model: Path | None = None
+    batch_size: int = 256
+    workers: int | None = None
+    device: str = "auto"
+    top_k: int = 3
+    review_threshold: float = 0.5
+    format: str | None = None
+    extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+    path_col: str = "path"
+    id_col: str | None = None
+    max_error_rate: float | None = None
+    shard_size: int = 4096
+    resume: bool = False
+    incremental: Path | None = None
+    hash: bool = False
+    max_pixels: int = 64_000_000

@@ -1,0 +1,57 @@
+"""Evaluate a model on labeled images and write the report files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import load_model
+from .config import EvalConfig
+from .data.fashion_mnist import load_split
+from .metrics import classification_report
+from .model import FASHION_MNIST_CLASSES
+from .runtime import predict_probs, prepare_model, resolve_device
+
+
+def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]:
+    """Accuracy, per-class report and confusion matrix of a model on the Fashion-MNIST test set.
+
+    With ``config.out``, also writes metrics.json, confusion_matrix.{csv,png} and a grid of
+    sample predictions.
+    """
+    loaded = load_model(config.model, expected_classes=FASHION_MNIST_CLASSES)
+    device = resolve_device(config.device)
+    model = prepare_model(loaded.model, device)
+    test = load_split("test", config.data_dir)
+    probs = predict_probs(model, test.images, device, config.batch_size, progress=progress, desc="evaluate")
+    predicted = probs.argmax(1)
+    result = classification_report(test.labels, predicted, loaded.classes)
+    result["model"] = loaded.ident
+    result["dataset"] = {"name": "Fashion-MNIST test", "checksums_sha256": test.checksums}
+    if config.out is not None:
+        result["report_files"] = [str(p) for p in write_report(
+            Path(config.out), result, test.images, test.labels, probs, loaded.classes, config.grid_size)]
+    return result
+
+
+def write_report(out: Path, result: dict[str, Any], images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                 classes: tuple[str, ...], grid_size: int) -> list[Path]:
+    from .checkpoint import atomic_write_json
+    from .report import plot_confusion_matrix, plot_prediction_grid, write_confusion_csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    cm = np.asarray(result["confusion_matrix"])
+    predicted = probs.argmax(1)
+    # Show the mistakes first: a grid of correct predictions teaches nothing.
+    wrong = np.flatnonzero(predicted != labels)
+    right = np.flatnonzero(predicted == labels)
+    rng = np.random.default_rng(0)
+    pick = np.concatenate([rng.permutation(wrong)[: grid_size // 2], rng.permutation(right)])[:grid_size]
+    paths = [out / "metrics.json", out / "confusion_matrix.csv", out / "confusion_matrix.png", out / "predictions.png"]
+    atomic_write_json(paths[0], {k: v for k, v in result.items() if k != "report_files"})
+    write_confusion_csv(cm, classes, paths[1])
+    plot_confusion_matrix(cm, classes, paths[2])
+    plot_prediction_grid(images[pick], labels[pick], predicted[pick], probs[pick].max(1), classes, paths[3])
+    return paths

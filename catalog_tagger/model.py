@@ -1,0 +1,127 @@
+"""The garment classifier: its config and the network, nothing else.
+
+The network is a small conv-pool-batchnorm stack in the spirit of the fast CIFAR-10
+recipes (airbench, ResNet-8 style "stem + blocks + global pool"): cheap enough to train in
+minutes on two CPU cores and to run at thousands of images per second, wide enough to
+beat the 4-conv reference systems on Fashion-MNIST.
+
+Inputs are float tensors in [0, 1], shape (N, C, H, W); normalisation lives inside the
+model so that every caller (training, evaluation, tagging) feeds the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network; stored in every checkpoint and card."""
+
+    classes: tuple[str, ...] = FASHION_MNIST_CLASSES
+    input_size: int = 28
+    channels: int = 1
+    widths: tuple[int, ...] = (32, 64, 128)
+    stem_width: int = 24
+    # Per-channel mean/std of the training images in [0, 1]; applied inside forward().
+    mean: tuple[float, ...] = (0.286,)
+    std: tuple[float, ...] = (0.353,)
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError("a classifier needs at least two classes")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"class names must be unique, got {list(self.classes)}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per input channel")
+        if self.input_size < 2 ** len(self.widths):
+            raise ValueError(f"input_size {self.input_size} is too small for {len(self.widths)} blocks")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    # Bias is redundant before batch norm.
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+
+class ConvBlock(nn.Sequential):
+    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU.
+
+    Pooling right after the first conv (as airbench does) runs the second conv at a
+    quarter of the pixels: most of the accuracy for half the compute.
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(c_out),
+            nn.GELU(),
+            *_conv_bn(c_out, c_out),
+        )
+
+
+class GarmentNet(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
+        layers: list[nn.Module] = _conv_bn(config.channels, config.stem_width)
+        c_in = config.stem_width
+        for width in config.widths:
+            layers.append(ConvBlock(c_in, width))
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(c_in, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images in [0, 1], shape (N, C, H, W)."""
+        x = (x - self.mean) / self.std
+        x = self.features(x)
+        # Global max pool: position-invariant, which suits off-centre catalog crops.
+        x = torch.amax(x, dim=(2, 3))
+        return self.head(self.dropout(x))
+
+
+def build_model(config: ModelConfig) -> GarmentNet:
+    return GarmentNet(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["FASHION_MNIST_CLASSES", "ModelConfig", "GarmentNet", "build_model", "count_parameters"]

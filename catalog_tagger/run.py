@@ -1,0 +1,307 @@
+"""The tagging run: shards committed as they finish, resume, incremental runs, one lock.
+
+    source --> shards of records --> Tagger.tag_records --> OUT.parts/shard-NNNNNN.parquet
+                                                       \\-> carried over from --incremental
+    all shards, in order --> writer --> temporary file --> renamed to OUT (atomic)
+
+A shard file appears by rename only once complete, so after a crash or ``kill -9`` the
+parts folder holds exactly the finished shards and ``--resume`` redoes none of them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_json, load_model
+from .config import TagConfig
+from .errors import Interrupted, OutputError, TooManyErrors, UsageError
+from .incremental import PreviousOutput
+from .runtime import resolve_device
+from .schema import SCHEMA_VERSION, output_schema
+from .sources import Record, open_source
+from .tagging import Tagger, TagSettings, default_workers
+from .writers import WRITERS, format_for, open_writer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    output: str
+    run_id: str
+    total: int = 0
+    by_status: Counter = field(default_factory=Counter)
+    by_label: Counter = field(default_factory=Counter)
+    needs_review: int = 0
+    processed: int = 0
+    carried_over: int = 0
+    resumed_rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return self.total - self.by_status.get("ok", 0)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def count(self, table: pa.Table) -> None:
+        self.total += table.num_rows
+        self.by_status.update(s for s in table["status"].to_pylist())
+        self.by_label.update(lbl for lbl in table["label"].to_pylist() if lbl is not None)
+        self.needs_review += sum(1 for v in table["needs_review"].to_pylist() if v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output, "run_id": self.run_id, "total": self.total,
+            "by_status": dict(sorted(self.by_status.items())), "by_label": dict(sorted(self.by_label.items())),
+            "needs_review": self.needs_review, "failed": self.failed, "processed": self.processed,
+            "carried_over": self.carried_over, "resumed_rows": self.resumed_rows,
+            "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1),
+        }
+
+    def text(self) -> str:
+        labels = ", ".join(f"{k} {v}" for k, v in self.by_label.most_common())
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(self.by_status.items()))
+        return (f"tagged {self.total} images -> {self.output}\n"
+                f"  status: {statuses or 'none'}\n  labels: {labels or 'none'}\n"
+                f"  needs review: {self.needs_review}\n"
+                f"  {self.processed} decoded in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)"
+                + (f", {self.carried_over} carried over" if self.carried_over else "")
+                + (f", {self.resumed_rows} from committed shards" if self.resumed_rows else ""))
+
+
+def summary_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".summary.json")
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on OUT.lock: the kernel drops it when its holder dies, so a
+    lock file left by a killed run is recognised as free and simply taken over."""
+    lock_path = out.with_name(out.name + ".lock")
+    try:
+        fh = open(lock_path, "a+")
+    except OSError as exc:
+        raise OutputError(f"cannot create lock file {lock_path}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise OutputError(f"{out} is being written by another run ({holder}); wait for it or remove that run")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock; the file may stay, it is harmless
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what cron, systemd and kill send) stops the run like Ctrl-C does."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk
+
+
+def _run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) -> dict[str, Any]:
+    """What must match for --resume to continue a run: same input, model and row-shaping options."""
+    return {"source": source, "model": model_ident, "shard_size": config.shard_size, "top_k": config.top_k,
+            "review_threshold": config.review_threshold, "format": fmt, "hash": config.hash,
+            "incremental": str(config.incremental) if config.incremental else None,
+            "path_col": config.path_col, "id_col": config.id_col, "extensions": list(config.extensions),
+            "schema_version": SCHEMA_VERSION}
+
+
+def _prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
+    """Create or reuse the parts folder; returns the run id."""
+    state_file = parts / "run.json"
+    if parts.exists() and resume and state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            state = {}
+        if state.get("identity") == identity:
+            log.info("resuming run %s from %s", state["run_id"], parts)
+            return str(state["run_id"])
+        raise UsageError(f"the unfinished run in {parts} used other inputs or options; "
+                         "re-run with the same ones, or without --resume to start over")
+    if parts.exists():
+        log.warning("discarding unfinished run in %s (pass --resume to continue it)", parts)
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True)
+    run_id = uuid.uuid4().hex[:16]
+    atomic_write_json(state_file, {"run_id": run_id, "identity": identity})
+    return run_id
+
+
+def _commit_shard(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _committed(path: Path, expected_rows: int) -> pa.Table | None:
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        log.warning("shard %s is unreadable; redoing it", path)
+        return None
+    return table if table.num_rows == expected_rows else None
+
+
+def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
+    """Tag every record of ``config.source`` into ``config.out``; returns the summary.
+
+    Raises ``Interrupted`` when stopped by a signal, after keeping the finished shards.
+    """
+    out = Path(config.out)
+    fmt = format_for(out, config.format)
+    if fmt not in WRITERS:
+        raise UsageError(f"cannot tell the output format from {out.name!r}; use a .parquet or .csv name or --format")
+    if not out.parent.is_dir():
+        raise OutputError(f"output folder does not exist: {out.parent}")
+    if config.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    source = open_source(config.source, config.extensions, config.path_col, config.id_col)
+    loaded = load_model(config.model)
+    device = resolve_device(config.device)
+    previous = PreviousOutput.load(config.incremental, loaded.ident, config.hash) if config.incremental else None
+    settings = TagSettings(batch_size=config.batch_size,
+                           workers=default_workers() if config.workers is None else config.workers,
+                           top_k=config.top_k, review_threshold=config.review_threshold,
+                           max_pixels=config.max_pixels, hash=config.hash)
+    metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
+                "model_card": loaded.card}
+    schema = output_schema(source.extra_schema, metadata)
+    identity = _run_identity(config, fmt, loaded.ident, os.path.abspath(config.source))
+    parts = parts_dir(out)
+
+    with output_lock(out), sigterm_as_interrupt():
+        run_id = _prepare_parts(parts, identity, config.resume)
+        tagger = Tagger(loaded, device, settings, run_id)
+        summary = Summary(output=str(out), run_id=run_id)
+        started = time.perf_counter()
+        shard_paths: list[Path] = []
+        bar = tqdm(desc="tag", unit="img", disable=not progress, smoothing=0.1)
+        try:
+            for index, records in enumerate(_chunks(source.records, config.shard_size)):
+                path = parts / f"shard-{index:06d}.parquet"
+                shard_paths.append(path)
+                done = _committed(path, len(records))
+                if done is not None:
+                    summary.resumed_rows += done.num_rows
+                    bar.update(len(records))
+                    continue
+                table = _tag_shard(tagger, records, schema, previous, summary, bar)
+                _commit_shard(path, table)
+        except KeyboardInterrupt:
+            bar.close()
+            raise Interrupted(f"stopped; {len([p for p in shard_paths if p.exists()])} finished shard(s) kept in "
+                              f"{parts}; run the same command with --resume to finish") from None
+        bar.close()
+        summary.seconds = time.perf_counter() - started
+        _assemble(shard_paths, out, fmt, schema, config.top_k, summary)
+        atomic_write_json(summary_path(out), summary.to_dict())
+        shutil.rmtree(parts, ignore_errors=True)
+    return summary
+
+
+def check_error_rate(summary: Summary, max_error_rate: float | None) -> None:
+    """Raise ``TooManyErrors`` when more than ``max_error_rate`` of the images failed.
+
+    Called after the output is written, so cron can alert without losing the good rows.
+    """
+    if max_error_rate is None or not summary.total:
+        return
+    share = summary.failed / summary.total
+    if share > max_error_rate:
+        raise TooManyErrors(f"{summary.failed} of {summary.total} images failed ({share:.1%} > "
+                            f"--max-error-rate {max_error_rate:.1%}); output written to {summary.output}")
+
+
+def _tag_shard(tagger: Tagger, records: list[Record], schema: pa.Schema, previous: PreviousOutput | None,
+               summary: Summary, bar: tqdm) -> pa.Table:
+    """Tag a shard, taking unchanged images from the previous output when incremental."""
+    if previous is None:
+        table = tagger.tag_records(records, schema, on_batch=bar.update)
+        summary.processed += len(records)
+        return table
+    carried, todo = previous.split(records)
+    fresh = tagger.tag_records([records[i] for i in todo], schema, on_batch=bar.update)
+    summary.processed += len(todo)
+    summary.carried_over += len(carried)
+    bar.update(len(carried))
+    return previous.merge(records, carried, todo, fresh, schema)
+
+
+def _assemble(shard_paths: list[Path], out: Path, fmt: str, schema: pa.Schema, top_k: int, summary: Summary) -> None:
+    """Stream every shard, in order, into a temporary file, then rename it over OUT."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        writer = open_writer(fmt, tmp, schema, top_k)
+        try:
+            for path in shard_paths:
+                table = pq.read_table(path).cast(schema)
+                summary.count(table)
+                writer.write(table)
+            if not shard_paths:
+                writer.write(schema.empty_table())
+        finally:
+            writer.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,56 @@
+"""The output table: its columns, their Arrow types, and how rows become a table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+OUTPUT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("image_id", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("label", pa.string()),
+    pa.field("label_id", pa.int16()),
+    pa.field("confidence", pa.float32()),
+    pa.field("topk_labels", pa.list_(pa.string())),
+    pa.field("topk_scores", pa.list_(pa.float32())),
+    pa.field("needs_review", pa.bool_()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("file_size", pa.int64()),
+    pa.field("mtime", TIMESTAMP),
+    pa.field("sha256", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("run_id", pa.string()),
+    pa.field("tagged_at", TIMESTAMP),
+)
+OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)
+# Renamed pass-through columns get this prefix so they never shadow ours.
+MANIFEST_PREFIX = "manifest_"
+
+
+def pass_through_name(name: str) -> str:
+    return MANIFEST_PREFIX + name if name in OUTPUT_COLUMNS else name
+
+
+def output_schema(extra: pa.Schema, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """Our columns, then the manifest's own (renamed where they would clash)."""
+    fields = list(OUTPUT_FIELDS) + [pa.field(pass_through_name(f.name), f.type) for f in extra]
+    schema = pa.schema(fields)
+    if metadata:
+        schema = schema.with_metadata({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    return schema
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts keyed by output column) -> a table of exactly ``schema``."""
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)

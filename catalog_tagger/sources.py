@@ -1,0 +1,171 @@
+"""Where images come from: a folder walk or a manifest, as a stream of records.
+
+Finding files is kept apart from decoding them (as timm's readers do): a source only
+lists paths, in a deterministic order, so that shard N of a run always holds the same
+records and ``--resume`` can skip what was committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import SourceError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_CSV_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image to tag: its position in the run, its id, where it is, and pass-through columns."""
+
+    ordinal: int
+    image_id: str
+    path: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Source:
+    """A stream of records plus the Arrow schema of the manifest columns it passes through."""
+
+    records: Iterator[Record]
+    extra_schema: pa.Schema
+    kind: str
+    description: str
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _sorted_entries(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("skipping folder %s: %s", folder, exc.strerror or exc)
+        return []
+
+
+def walk_folder(root: Path, extensions: tuple[str, ...]) -> Iterator[Record]:
+    """Files under ``root`` with a wanted extension, hidden ones skipped, in sorted-name
+    depth-first order (a sub-folder's files come where its name sorts).
+
+    Only the folders on the current path are listed in memory, never the whole tree.
+    """
+    wanted = {e.lower().lstrip(".") for e in extensions}
+    root_abs = os.path.abspath(root)
+    ordinal = 0
+    stack = [iter(_sorted_entries(root_abs))]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            stack.append(iter(_sorted_entries(entry.path)))
+        elif "." in entry.name and entry.name.rsplit(".", 1)[-1].lower() in wanted:
+            rel = os.path.relpath(entry.path, root_abs).replace(os.sep, "/")
+            yield Record(ordinal, rel, entry.path)
+            ordinal += 1
+
+
+def _resolve(value: Any, base: str) -> str:
+    text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+    if not text:
+        return ""
+    return text if os.path.isabs(text) else os.path.normpath(os.path.join(base, text))
+
+
+def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path) -> list[str]:
+    if path_col not in columns:
+        raise SourceError(f"manifest {manifest} has no column {path_col!r} (columns: {', '.join(columns)}); "
+                          "choose one with --path-col")
+    if id_col is not None and id_col not in columns:
+        raise SourceError(f"manifest {manifest} has no column {id_col!r} for --id-col")
+    return [c for c in columns if c not in (path_col, id_col)]
+
+
+def _record(ordinal: int, row: dict[str, Any], path_col: str, id_col: str | None, base: str,
+            extras: list[str]) -> Record:
+    raw_path = row[path_col]
+    path = _resolve(raw_path, base)
+    image_id = row.get(id_col) if id_col else None
+    if image_id is None or (isinstance(image_id, float) and pd.isna(image_id)) or str(image_id) == "":
+        image_id = "" if raw_path is None or (isinstance(raw_path, float) and pd.isna(raw_path)) else str(raw_path)
+    return Record(ordinal, str(image_id), path, {c: row[c] for c in extras})
+
+
+def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None) -> Source:
+    """CSV rows read in chunks; every pass-through column stays text, exactly as written
+    (a SKU like 00123 must not become the number 123)."""
+    try:
+        header = pd.read_csv(manifest, nrows=0, encoding="utf-8-sig").columns.tolist()
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
+    extras = _manifest_columns(header, path_col, id_col, manifest)
+    base = os.path.dirname(os.path.abspath(manifest))
+
+    def records() -> Iterator[Record]:
+        ordinal = 0
+        reader = pd.read_csv(manifest, dtype=str, keep_default_na=False, chunksize=_CSV_CHUNK,
+                             encoding="utf-8-sig")
+        for chunk in reader:
+            for row in chunk.to_dict("records"):
+                yield _record(ordinal, row, path_col, id_col, base, extras)
+                ordinal += 1
+
+    schema = pa.schema([(c, pa.string()) for c in extras])
+    return Source(records(), schema, "manifest", str(manifest))
+
+
+def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None) -> Source:
+    """Parquet rows streamed batch by batch; pass-through columns keep their Arrow types."""
+    try:
+        parquet = pq.ParquetFile(manifest)
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
+    schema = parquet.schema_arrow
+    extras = _manifest_columns(schema.names, path_col, id_col, manifest)
+    base = os.path.dirname(os.path.abspath(manifest))
+
+    def records() -> Iterator[Record]:
+        ordinal = 0
+        for batch in parquet.iter_batches(batch_size=_CSV_CHUNK):
+            for row in batch.to_pylist():
+                yield _record(ordinal, row, path_col, id_col, base, extras)
+                ordinal += 1
+
+    return Source(records(), pa.schema([schema.field(c) for c in extras]), "manifest", str(manifest))
+
+
+def open_source(source: Path, extensions: tuple[str, ...], path_col: str = "path",
+                id_col: str | None = None) -> Source:
+    """A folder is walked; a .csv/.parquet file is read as a manifest; anything else is refused."""
+    source = Path(source)
+    if source.is_dir():
+        return Source(walk_folder(source, extensions), pa.schema([]), "folder", str(source))
+    if not source.exists():
+        raise SourceError(f"source not found: {source}")
+    kind = MANIFEST_SUFFIXES.get(source.suffix.lower())
+    if kind == "csv":
+        return read_csv_manifest(source, path_col, id_col)
+    if kind == "parquet":
+        return read_parquet_manifest(source, path_col, id_col)
+    raise SourceError(f"{source} is neither a folder nor a manifest (.csv or .parquet)")

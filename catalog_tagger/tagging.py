@@ -1,0 +1,169 @@
+"""The tagging core: one shard of records -> one table of output rows.
+
+Decoding runs in DataLoader worker processes (one file at a time, every failure turned
+into a status); the model runs on whole batches in the main process. This function
+knows nothing of resume, locks or output files, so a distributed engine can call it on
+its own shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import LoadedModel
+from .decode import decode_file
+from .model import ModelConfig
+from .runtime import predict_logits, prepare_model
+from .schema import pass_through_name, rows_to_table
+from .sources import Record
+
+
+@dataclass(frozen=True)
+class TagSettings:
+    batch_size: int = 256
+    workers: int = 0
+    top_k: int = 3
+    review_threshold: float = 0.5
+    max_pixels: int = 64_000_000
+    hash: bool = False
+
+
+def default_workers() -> int:
+    """One decoding process per core the scheduler gives us, capped: beyond ~8 the model is the bottleneck."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def file_sha256(path: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+class DecodeDataset(Dataset):
+    """Records decoded one by one in worker processes; never raises for a bad file."""
+
+    def __init__(self, records: Sequence[Record], config: ModelConfig, settings: TagSettings) -> None:
+        self.records = records
+        self.config = config
+        self.settings = settings
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        if not record.path:
+            return {"index": index, "status": "missing", "error": "empty path in manifest", "array": None}
+        decoded = decode_file(record.path, self.config, self.settings.max_pixels)
+        item = {"index": index, **decoded.__dict__}
+        if self.settings.hash and decoded.file_size:
+            item["sha256"] = file_sha256(record.path)
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
+    """Stack the decoded arrays of the good images; keep everyone's metadata."""
+    arrays = [item.pop("array") for item in items]
+    good = [a for a in arrays if a is not None]
+    for item, array in zip(items, arrays):
+        item["has_array"] = array is not None
+    batch = torch.from_numpy(np.stack(good)) if good else None
+    return batch, items
+
+
+class Tagger:
+    """A loaded model on its device plus the settings every row depends on."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, settings: TagSettings, run_id: str) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.settings = settings
+        self.run_id = run_id
+        self.model = prepare_model(loaded.model, device)
+        self.classes = loaded.classes
+        self.top_k = max(1, min(settings.top_k, len(self.classes)))
+
+    def _ok_rows(self, batch: torch.Tensor) -> list[dict[str, Any]]:
+        probs = torch.softmax(predict_logits(self.model, batch, self.device), dim=1)
+        scores, ids = probs.topk(self.top_k, dim=1)
+        rows = []
+        for s, i in zip(scores.tolist(), ids.tolist()):
+            rows.append({
+                "label": self.classes[i[0]], "label_id": i[0], "confidence": s[0],
+                "topk_labels": [self.classes[j] for j in i], "topk_scores": s,
+                "needs_review": s[0] < self.settings.review_threshold,
+            })
+        return rows
+
+    def tag_records(self, records: Sequence[Record], schema: pa.Schema,
+                    on_batch: Callable[[int], None] | None = None) -> pa.Table:
+        """Decode and classify ``records``; one row per record, in their order."""
+        rows: list[dict[str, Any] | None] = [None] * len(records)
+        if records:
+            dataset = DecodeDataset(records, self.loaded.config, self.settings)
+            workers = min(self.settings.workers, math.ceil(len(records) / self.settings.batch_size))
+            loader = DataLoader(
+                dataset, batch_size=self.settings.batch_size, num_workers=workers, collate_fn=collate,
+                pin_memory=self.device.type == "cuda",
+                # Workers get a fresh interpreter state cheaply by fork where available.
+                multiprocessing_context="fork" if workers and "fork" in _start_methods() else None,
+            )
+            tagged_at = datetime.now(timezone.utc)
+            for batch, items in loader:
+                predictions = iter(self._ok_rows(batch)) if batch is not None else iter(())
+                for item in items:
+                    record = records[item["index"]]
+                    row = self._base_row(record, item, tagged_at)
+                    if item["has_array"]:
+                        row.update(next(predictions))
+                    rows[item["index"]] = row
+                if on_batch is not None:
+                    on_batch(len(items))
+        return rows_to_table(rows, schema)  # type: ignore[arg-type]
+
+    def _base_row(self, record: Record, item: dict[str, Any], tagged_at: datetime) -> dict[str, Any]:
+        row = {
+            "image_id": record.image_id,
+            "path": record.path,
+            "status": item["status"],
+            "error": item.get("error"),
+            # A file we could not read needs a person as much as an unsure label does.
+            "needs_review": True,
+            "width": item.get("width"),
+            "height": item.get("height"),
+            "file_size": item.get("file_size"),
+            "mtime": item.get("mtime_us"),  # integer microseconds: exact, so --incremental can compare
+            "sha256": item.get("sha256"),
+            "model": self.loaded.ident,
+            "run_id": self.run_id,
+            "tagged_at": tagged_at,
+        }
+        for name, value in record.extra.items():
+            row[pass_through_name(name)] = value
+        return row
+
+
+def _start_methods() -> list[str]:
+    import multiprocessing
+
+    return multiprocessing.get_all_start_methods()

@@ -1,0 +1,96 @@
+"""One registry of output formats; the CLI's --format choices are this dict's keys.
+
+Writers take Arrow tables shard by shard, so the final file is streamed, never held
+whole in memory. Each writes to the path it is given; making that appear atomically
+under the real name is the caller's job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+
+class TableWriter(Protocol):
+    def write(self, table: pa.Table) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ParquetTableWriter:
+    """Parquet with our schema; file metadata carries schema version, classes and model card."""
+
+    def __init__(self, path: Path, schema: pa.Schema, top_k: int) -> None:
+        self._writer = pq.ParquetWriter(str(path), schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def flatten_for_csv(table: pa.Table, top_k: int) -> pa.Table:
+    """List columns -> label_2, score_2, ...; timestamps -> 'YYYY-MM-DD HH:MM:SS' (UTC).
+
+    Top-1 already sits in label/confidence, so the flattened columns start at 2. Plain
+    timestamps without offset are what spreadsheets recognise as dates.
+    """
+    columns: dict[str, pa.Array] = {}
+    for name in table.column_names:
+        col = table[name]
+        if name == "topk_labels":
+            for k in range(2, top_k + 1):
+                columns[f"label_{k}"] = _nth(col, k - 1)
+                columns[f"score_{k}"] = _nth(table["topk_scores"], k - 1)
+        elif name == "topk_scores":
+            continue
+        elif pa.types.is_timestamp(col.type):
+            columns[name] = pc.strftime(col, format="%Y-%m-%d %H:%M:%S", locale="C")
+        else:
+            columns[name] = col
+    return pa.table(columns)
+
+
+def _nth(col: pa.ChunkedArray, index: int) -> pa.ChunkedArray:
+    # list_element fails on short or null lists; pad per row instead.
+    values = [v[index] if v is not None and len(v) > index else None for v in col.to_pylist()]
+    return pa.chunked_array([pa.array(values, type=col.type.value_type)])
+
+
+class CsvTableWriter:
+    """UTF-8 CSV with one header row and one row per image, as spreadsheets import it."""
+
+    def __init__(self, path: Path, schema: pa.Schema, top_k: int) -> None:
+        import pyarrow.csv as pacsv
+
+        self._top_k = top_k
+        self._path = path
+        empty = flatten_for_csv(schema.empty_table(), top_k)
+        self._writer = pacsv.CSVWriter(str(path), empty.schema,
+                                       write_options=pacsv.WriteOptions(include_header=True))
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(flatten_for_csv(table, self._top_k))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+WRITERS: dict[str, type] = {"parquet": ParquetTableWriter, "csv": CsvTableWriter}
+SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def format_for(path: Path, explicit: str | None) -> str | None:
+    """--format wins; else the output's extension; None when neither says."""
+    if explicit:
+        return explicit
+    return SUFFIXES.get(Path(path).suffix.lower())
+
+
+def open_writer(fmt: str, path: Path, schema: pa.Schema, top_k: int) -> TableWriter:
+    return WRITERS[fmt](path, schema, top_k)

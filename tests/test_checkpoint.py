@@ -1,0 +1,111 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from catalog_tagger.checkpoint import load_model, load_training_state, save_model
+from catalog_tagger.errors import ModelError
+from catalog_tagger.model import ModelConfig, build_model
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(widths=(8, 16), stem_width=8))
+    card = save_model(model, {"name": "tiny"}, tmp_path / "m" / "model.safetensors")
+    return model, card, tmp_path / "m"
+
+
+@pytest.mark.parametrize("which", ["folder", "weights", "card"])
+def test_saved_model_loads_from_folder_weights_or_card(saved, which):
+    model, card, folder = saved
+    path = {"folder": folder, "weights": folder / "model.safetensors", "card": folder / "model.json"}[which]
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    assert loaded.sha256 == card["weights_sha256"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+
+
+def test_card_carries_config_classes_and_hash(saved):
+    _, card, folder = saved
+    on_disk = json.loads((folder / "model.json").read_text())
+    assert on_disk["classes"] == list(ModelConfig().classes)
+    assert on_disk["model_config"]["widths"] == [8, 16]
+    assert len(on_disk["weights_sha256"]) == 64
+
+
+def test_weights_that_do_not_match_the_card_are_refused(saved):
+    _, _, folder = saved
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match its card"):
+        load_model(folder)
+
+
+def _rehash(folder):
+    from catalog_tagger.checkpoint import sha256_file
+
+    card = json.loads((folder / "model.json").read_text())
+    card["weights_sha256"] = sha256_file(folder / "model.safetensors")
+    (folder / "model.json").write_text(json.dumps(card))
+
+
+def test_truncated_safetensors_is_refused_even_with_a_matching_hash(saved):
+    _, _, folder = saved
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _rehash(folder)
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        load_model(folder)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickle_renamed_as_a_model_is_refused_without_running_it(saved, tmp_path, monkeypatch):
+    _, _, folder = saved
+    monkeypatch.chdir(tmp_path)
+    (folder / "model.safetensors").write_bytes(pickle.dumps(_Payload()))
+    _rehash(folder)
+    with pytest.raises(ModelError):
+        load_model(folder)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_pickle_as_training_checkpoint_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"x": _Payload()}, path)
+    with pytest.raises(ModelError, match="not a valid catalog-tagger checkpoint"):
+        load_training_state(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_card_from_another_class_list_is_refused_where_classes_are_expected(tmp_path):
+    model = build_model(ModelConfig(classes=("shoe", "bag"), widths=(8,), stem_width=8))
+    save_model(model, {"name": "two"}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="differ from the expected"):
+        load_model(tmp_path, expected_classes=ModelConfig().classes)
+
+
+def test_weights_of_another_shape_are_refused(saved, tmp_path):
+    _, _, folder = saved
+    card = json.loads((folder / "model.json").read_text())
+    card["model_config"]["widths"] = [8, 32]
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="do not fit the card"):
+        load_model(folder)
+
+
+def test_missing_card_is_a_clear_error(saved):
+    _, _, folder = saved
+    (folder / "model.json").unlink()
+    with pytest.raises(ModelError, match="card not found"):
+        load_model(folder / "model.safetensors")
