@@ -70,6 +70,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; models and reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -86,7 +87,9 @@ def save_model(model: GarmentNet, card: dict[str, Any], weights_path: Path) -> d
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = weights_path.with_name(f".{weights_path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "card": weights_path.with_suffix(".json").name})
+    # One metadata key only: safetensors writes its metadata map in hash order, so two keys
+    # would make identical weights hash differently from run to run.
+    save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, weights_path)
     card = {
         "card_format": CARD_FORMAT,

@@ -51,7 +51,19 @@ def reports_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(epilog=EXIT_CODES_HELP)
+class RecordingGroup(click.Group):
+    """Keeps the raw arguments, so that a model card can record the exact command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _command_line(ctx: click.Context) -> str:
+    return " ".join(shlex.quote(a) for a in ["catalog-tagger", *ctx.find_root().meta.get("argv", [])])
+
+
+@click.group(cls=RecordingGroup, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="catalog-tagger")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
@@ -95,8 +107,7 @@ def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, bat
 
     config = TrainConfig(out=out, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          val_size=val_size, device=device, resume=resume)
-    command = " ".join(shlex.quote(a) for a in ["catalog-tagger", *sys.argv[1:]])
-    card = fit(config, command=command, progress=_progress(ctx))
+    card = fit(config, command=_command_line(ctx), progress=_progress(ctx))
     metrics = card["metrics"]
     click.echo(
         f"trained {card['training']['seconds']:.0f}s: val accuracy {metrics['val_accuracy']:.4f}, "

@@ -26,7 +26,8 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
     """Loss and accuracy per epoch, train vs validation."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    # Training loss includes label smoothing, so it sits above the validation loss.
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (label-smoothed)")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")

@@ -1,0 +1,100 @@
+"""Training on a tiny Fashion-MNIST-shaped dataset: outputs, card, reproducibility, resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from catalog_tagger import train as train_module
+from catalog_tagger.checkpoint import load_model
+from catalog_tagger.config import TrainConfig
+from catalog_tagger.errors import UsageError
+from catalog_tagger.train import fit, lr_schedule
+
+
+def _config(tmp_path, data, name="run", **kw):
+    defaults = dict(out=tmp_path / name, data_dir=data, epochs=2, batch_size=64, val_size=200, seed=0,
+                    widths=(8, 16), stem_width=8, device="cpu")
+    return TrainConfig(**{**defaults, **kw})
+
+
+def test_cli_train_writes_weights_card_curves_and_checkpoint(tmp_path, tiny_data_dir, run_cli):
+    out = tmp_path / "cli"
+    result = run_cli("-q", "train", "--out", out, "--data-dir", tiny_data_dir, "--epochs", "3", "--batch-size", "64",
+                     "--val-size", "200", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for name in ("model.safetensors", "model.json", "training_curves.png", "checkpoint.pt"):
+        assert (out / name).stat().st_size > 0
+    card = json.loads((out / "model.json").read_text())
+    assert card["classes"][0] == "T-shirt/top"
+    assert card["training"]["command"].startswith("catalog-tagger") and "--epochs 3" in card["training"]["command"]
+    assert set(card["training"]["data_checksums_sha256"]) == {
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
+    assert card["metrics"]["test_accuracy"] > 0.8  # the tiny task is easy; a broken loop stays near 0.1
+    assert card["preprocessing"]["name"] == "fashion-mnist-conversion"
+    assert len(card["training"]["history"]) == 3
+    assert load_model(out).config.widths == (32, 64, 128)
+
+
+def test_same_seed_gives_identical_weights(tmp_path, tiny_data_dir):
+    a = fit(_config(tmp_path, tiny_data_dir, "a"), progress=False)
+    b = fit(_config(tmp_path, tiny_data_dir, "b"), progress=False)
+    assert a["weights_sha256"] == b["weights_sha256"]
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, tiny_data_dir, monkeypatch):
+    straight = fit(_config(tmp_path, tiny_data_dir, "straight", epochs=3), progress=False)
+
+    real_save = train_module.save_training_state
+    calls = []
+
+    def crash_after_first_epoch(path, state):
+        real_save(path, state)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as if killed right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(train_module, "save_training_state", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_config(tmp_path, tiny_data_dir, "resumed", epochs=3), progress=False)
+    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    resumed = fit(_config(tmp_path, tiny_data_dir, "resumed", epochs=3, resume=True), progress=False)
+
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert [r["val_accuracy"] for r in resumed["training"]["history"]] == \
+        [r["val_accuracy"] for r in straight["training"]["history"]]
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, tiny_data_dir):
+    fit(_config(tmp_path, tiny_data_dir, "once", epochs=1), progress=False)
+    with pytest.raises(UsageError, match="--resume"):
+        fit(_config(tmp_path, tiny_data_dir, "once", epochs=1), progress=False)
+
+
+def test_resume_with_other_options_is_refused(tmp_path, tiny_data_dir):
+    fit(_config(tmp_path, tiny_data_dir, "r", epochs=1), progress=False)
+    with pytest.raises(UsageError, match="different training options"):
+        fit(_config(tmp_path, tiny_data_dir, "r", epochs=1, lr=0.5, resume=True), progress=False)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    values = [lr_schedule(s, 100, 10) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[-1] == pytest.approx(1 / 90)  # the last step still learns a little
+
+
+def test_missing_data_exits_with_the_data_error_code(tmp_path, run_cli, monkeypatch):
+    from catalog_tagger.data import fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "none")
+    monkeypatch.setattr(fm, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(fm, "MIRRORS", ("http://127.0.0.1:9/",))
+    monkeypatch.delenv(fm.ENV_VAR, raising=False)
+    result = run_cli("train", "--out", tmp_path / "x", "--data-dir", tmp_path / "empty")
+    assert result.exit_code == 3
+    assert "Fashion-MNIST not found" in result.output and "Traceback" not in result.output
