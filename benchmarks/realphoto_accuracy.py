@@ -1,0 +1,68 @@
+"""Accuracy of a model on a folder of real, labeled product photos, per class.
+
+    python benchmarks/realphoto_accuracy.py ../shared/realphoto-dev [--model PATH] [--json]
+
+The folder holds ``labels.csv`` (file,label_id,label_name) and the images it names. The
+photos are tagged exactly as `catalog-tagger tag` would tag them (same preprocessing,
+same model loading), then compared with the labels. Nothing is copied out of the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from catalog_tagger.config import TagConfig
+from catalog_tagger.metrics import classification_report
+from catalog_tagger.model import FASHION_MNIST_CLASSES
+from catalog_tagger.run import run_tagging
+
+
+def measure(folder: Path, model: Path | None = None) -> dict:
+    labels = pd.read_csv(folder / "labels.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "manifest.csv"
+        pd.DataFrame({"path": [str((folder / f).resolve()) for f in labels["file"]],
+                      "file": labels["file"]}).to_csv(manifest, index=False)
+        out = Path(tmp) / "tags.parquet"
+        run_tagging(TagConfig(source=manifest, out=out, model=model, id_col="file"), progress=False)
+        rows = pd.read_parquet(out)
+    predictions = rows[["image_id", "label_id"]].rename(columns={"label_id": "predicted"})
+    merged = labels.merge(predictions, left_on="file", right_on="image_id")
+    assert len(merged) == len(labels), "every photo must get a row"
+    predicted = merged["predicted"].fillna(-1).astype(int).to_numpy()
+    truth = merged["label_id"].to_numpy()
+    ok = predicted >= 0
+    report = classification_report(truth[ok], predicted[ok], FASHION_MNIST_CLASSES)
+    report["n_total"] = len(merged)
+    report["n_failed"] = int((~ok).sum())
+    report["accuracy_all"] = float((predicted == truth).mean())
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report = measure(args.folder, args.model)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"top-1 accuracy {report['accuracy_all']:.3f} on {report['n_total']} photos ({report['n_failed']} failed to decode)")
+    print(f"{'class':<12} recall  precision  support")
+    for name, row in report["per_class"].items():
+        print(f"{name:<12} {row['recall']:6.3f}  {row['precision']:9.3f}  {row['support']:7d}")
+    cm = np.asarray(report["confusion_matrix"])
+    print("confusion (rows true, columns predicted):")
+    print(pd.DataFrame(cm, index=[c[:8] for c in FASHION_MNIST_CLASSES], columns=[c[:5] for c in FASHION_MNIST_CLASSES]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Tagging speed, side by side on the same files and machine.
+
+    python benchmarks/tag_speed.py FOLDER [--runs 3] [--model PATH]
+
+1. decode limit: reduced-size JPEG decoding only (Pillow draft mode), all cores, no model;
+2. naive reference: full-size PIL decode, torchvision Resize/ToTensor, the same model,
+   batch 64, a default DataLoader (what the reference systems do);
+3. catalog-tagger tag with default settings.
+
+Prints images/s (median of --runs) and the ratios 3/2 and 3/1. Build a folder with
+benchmarks/synth_catalog.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from catalog_tagger.checkpoint import load_model
+from catalog_tagger.config import TagConfig
+from catalog_tagger.run import run_tagging
+from catalog_tagger.tagging import default_workers
+
+
+def _draft_decode(paths: list[str]) -> int:
+    for path in paths:
+        with Image.open(path) as img:
+            img.draft("L", (112, 112))
+            img.load()
+    return len(paths)
+
+
+def decode_limit(paths: list[str]) -> float:
+    workers = default_workers()
+    chunks = [paths[i::workers] for i in range(workers)]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        done = sum(pool.map(_draft_decode, chunks))
+    return done / (time.perf_counter() - start)
+
+
+class NaiveDataset(Dataset):
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.transform = transforms.Compose([transforms.Resize((28, 28)), transforms.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(Image.open(self.paths[i]).convert("L"))
+
+
+@torch.inference_mode()
+def naive_reference(paths: list[str], model: torch.nn.Module) -> float:
+    start = time.perf_counter()
+    n = 0
+    for batch in DataLoader(NaiveDataset(paths), batch_size=64):
+        model(batch).argmax(1)
+        n += len(batch)
+    return n / (time.perf_counter() - start)
+
+
+def catalog_tagger(folder: Path, model: Path | None) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        summary = run_tagging(TagConfig(source=folder, out=Path(tmp) / "tags.parquet", model=model), progress=False)
+        return summary.total / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--skip-naive", action="store_true", help="Leave out the (slow) naive reference.")
+    args = parser.parse_args()
+
+    paths = sorted(str(p) for p in args.folder.glob("*.jpg"))
+    model = load_model(args.model).model.eval()
+    results: dict[str, list[float]] = {"decode limit": [], "naive reference": [], "catalog-tagger tag": []}
+    for _ in range(args.runs):
+        # Interleaved, so that machine noise hits all three alike.
+        results["decode limit"].append(decode_limit(paths))
+        if not args.skip_naive:
+            results["naive reference"].append(naive_reference(paths, model))
+        results["catalog-tagger tag"].append(catalog_tagger(args.folder, args.model))
+    median = {k: statistics.median(v) for k, v in results.items() if v}
+    print(f"{len(paths)} images in {args.folder}, {os.cpu_count()} cores, {args.runs} runs (median images/s)")
+    for name, value in median.items():
+        print(f"  {name:<20} {value:8.1f} images/s   runs: {', '.join(f'{v:.0f}' for v in results[name])}")
+    tag = median["catalog-tagger tag"]
+    if "naive reference" in median:
+        print(f"  tag / naive reference = {tag / median['naive reference']:.2f}x")
+    print(f"  tag / decode limit    = {tag / median['decode limit']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
