@@ -96,17 +96,19 @@ device_option = click.option(
 @click.option("--seed", type=int, default=default(TrainConfig, "seed"), show_default=True)
 @click.option("--val-size", type=click.IntRange(1), default=default(TrainConfig, "val_size"), show_default=True,
               help="Training images held out for validation.")
+@click.option("--worn-prob", type=click.FloatRange(0, 1), default=default(TrainConfig, "worn_prob"),
+              show_default=True, help="Share of tops and dresses shown worn by a simulated model (real photos).")
 @device_option
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.pass_context
 @reports_errors
 def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
-          seed: int, val_size: int, device: str, resume: bool) -> None:
+          seed: int, val_size: int, worn_prob: float, device: str, resume: bool) -> None:
     """Train a garment classifier on Fashion-MNIST."""
     from .train import fit
 
     config = TrainConfig(out=out, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         val_size=val_size, device=device, resume=resume)
+                         val_size=val_size, worn_prob=worn_prob, device=device, resume=resume)
     card = fit(config, command=_command_line(ctx), progress=_progress(ctx))
     metrics = card["metrics"]
     click.echo(

@@ -23,6 +23,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    # Share of upper-body garments shown "worn by a model" (head, arms, legs), as real
+    # catalog photos show them; see augment.worn_by_a_model.
+    worn_prob: float = 0.0
     warmup_epochs: float = 1.0
     val_size: int = 5000
     seed: int = 0

@@ -126,10 +126,14 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None) -> Sour
         ordinal = 0
         reader = pd.read_csv(manifest, dtype=str, keep_default_na=False, chunksize=_CSV_CHUNK,
                              encoding="utf-8-sig")
-        for chunk in reader:
-            for row in chunk.to_dict("records"):
-                yield _record(ordinal, row, path_col, id_col, base, extras)
-                ordinal += 1
+        try:
+            for chunk in reader:
+                for row in chunk.to_dict("records"):
+                    yield _record(ordinal, row, path_col, id_col, base, extras)
+                    ordinal += 1
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+            # Found mid-run: the shards before this point stay committed for --resume.
+            raise SourceError(f"manifest {manifest} is malformed after row {ordinal}: {exc}") from exc
 
     schema = pa.schema([(c, pa.string()) for c in extras])
     return Source(records(), schema, "manifest", str(manifest))
@@ -147,10 +151,13 @@ def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None) -> 
 
     def records() -> Iterator[Record]:
         ordinal = 0
-        for batch in parquet.iter_batches(batch_size=_CSV_CHUNK):
-            for row in batch.to_pylist():
-                yield _record(ordinal, row, path_col, id_col, base, extras)
-                ordinal += 1
+        try:
+            for batch in parquet.iter_batches(batch_size=_CSV_CHUNK):
+                for row in batch.to_pylist():
+                    yield _record(ordinal, row, path_col, id_col, base, extras)
+                    ordinal += 1
+        except (OSError, pa.ArrowException) as exc:
+            raise SourceError(f"manifest {manifest} is unreadable after row {ordinal}: {exc}") from exc
 
     return Source(records(), pa.schema([schema.field(c) for c in extras]), "manifest", str(manifest))
 

@@ -65,6 +65,7 @@ def train_one_epoch(
     generator: torch.Generator,
     device: torch.device,
     label_smoothing: float = 0.0,
+    worn_prob: float = 0.0,
     progress: bool = True,
     desc: str = "train",
 ) -> tuple[float, float]:
@@ -77,8 +78,8 @@ def train_one_epoch(
     bar = tqdm(range(n_batches), desc=desc, disable=not progress, leave=False, unit="batch")
     for i in bar:
         idx = order[i * batch_size : (i + 1) * batch_size]
-        x = train_augment(to_unit(images[idx], device), generator)
         y = labels[idx].to(device, non_blocking=True)
+        x = train_augment(to_unit(images[idx], device), y, generator, worn_prob=worn_prob)
         with autocast(device):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -171,7 +172,7 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
         t0 = time.perf_counter()
         loss, acc = train_one_epoch(
             model, optimizer, scheduler, images_t, labels_t, config.batch_size, generator, device,
-            config.label_smoothing, progress, desc=f"epoch {epoch + 1}/{config.epochs}",
+            config.label_smoothing, config.worn_prob, progress, desc=f"epoch {epoch + 1}/{config.epochs}",
         )
         val = evaluate_arrays(model.eval(), val_images, val_labels, device, config.eval_batch_size)
         history.add(epoch=epoch + 1, train_loss=loss, train_accuracy=acc, val_loss=val["loss"],

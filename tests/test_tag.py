@@ -309,3 +309,20 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(catalog, tmp_path):
     assert "--resume" in err and "Traceback" not in err
     assert list((tmp_path / "t.parquet.parts").glob("shard-*.parquet"))
     assert not out.exists()
+
+
+def test_a_manifest_broken_midway_keeps_finished_shards_and_says_where(run_cli, tmp_path):
+    # Large enough that the parser meets the broken line only after several shards are done.
+    lines = ["path,note"] + [f"photos/{i}.jpg,fine" for i in range(30000)] + ['"unterminated,quote']
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    result = run_cli("tag", tmp_path / "m.csv", "--out", tmp_path / "t.parquet", "--workers", "0",
+                     "--shard-size", "1000")
+    assert result.exit_code == 5 and "malformed after row" in result.output and "Traceback" not in result.output
+    assert len(list((tmp_path / "t.parquet.parts").glob("shard-*.parquet"))) >= 5
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_non_utf8_manifest_is_refused_clearly(run_cli, tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"path,title\n" + "a.jpg,Pull\xe9\n".encode("latin-1"))
+    result = run_cli("tag", tmp_path / "m.csv", "--out", tmp_path / "t.parquet", "--workers", "0")
+    assert result.exit_code == 5 and "Traceback" not in result.output
