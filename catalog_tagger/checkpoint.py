@@ -47,6 +47,11 @@ class LoadedModel:
         return str(self.card["weights_sha256"])
 
     @property
+    def temperature(self) -> float:
+        """Calibration temperature from the card; 1.0 (raw softmax) for uncalibrated models."""
+        return float(self.card.get("calibration", {}).get("temperature", 1.0))
+
+    @property
     def ident(self) -> str:
         """Name plus a short weights hash: what output rows record as their model."""
         return f"{self.card.get('name', self.weights_path.stem)}@sha256:{self.sha256[:12]}"

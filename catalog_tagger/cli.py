@@ -159,6 +159,9 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
               help="How many ranked labels each row lists.")
 @click.option("--review-threshold", type=click.FloatRange(0, 1), default=default(TagConfig, "review_threshold"),
               show_default=True, help="Rows with a lower confidence get needs_review = true.")
+@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True),
+              help="Set needs_review from the model's calibration so auto-accepted rows reach this precision "
+                   "(on validation data); overrides --review-threshold.")
 @click.option("--ext", "extensions", multiple=True, help="File extension to tag in a folder (repeatable; "
               f"default: {', '.join(default(TagConfig, 'extensions'))}).")
 @click.option("--path-col", default=default(TagConfig, "path_col"), show_default=True, help="Manifest column with image paths.")
@@ -176,7 +179,8 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @click.pass_context
 @reports_errors
 def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Path | None, batch_size: int,
-        workers: int | None, device: str, top_k: int, review_threshold: float, extensions: tuple[str, ...],
+        workers: int | None, device: str, top_k: int, review_threshold: float, target_precision: float | None,
+        extensions: tuple[str, ...],
         path_col: str, id_col: str | None, max_error_rate: float | None, shard_size: int, resume: bool,
         incremental: Path | None, use_hash: bool, max_pixels: int) -> None:
     """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
@@ -189,7 +193,7 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Pat
 
     config = TagConfig(
         source=source, out=out, model=model, batch_size=batch_size, workers=workers, device=device, top_k=top_k,
-        review_threshold=review_threshold, format=fmt,
+        review_threshold=review_threshold, target_precision=target_precision, format=fmt,
         extensions=extensions or default(TagConfig, "extensions"), path_col=path_col, id_col=id_col,
         max_error_rate=max_error_rate, shard_size=shard_size, resume=resume, incremental=incremental,
         hash=use_hash, max_pixels=max_pixels,

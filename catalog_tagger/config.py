@@ -61,6 +61,8 @@ class TagConfig:
     device: str = "auto"
     top_k: int = 3
     review_threshold: float = 0.5
+    # When set, the review threshold is read from the model card's calibration table.
+    target_precision: float | None = None
     format: str | None = None
     extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
     path_col: str = "path"

@@ -12,7 +12,8 @@ from .config import EvalConfig
 from .data.fashion_mnist import load_split
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES
-from .runtime import predict_probs, prepare_model, resolve_device
+from .calibration import expected_calibration_error, softmax
+from .runtime import predict_logits_array, prepare_model, resolve_device
 
 
 def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]:
@@ -25,21 +26,30 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
     device = resolve_device(config.device)
     model = prepare_model(loaded.model, device)
     test = load_split("test", config.data_dir)
-    probs = predict_probs(model, test.images, device, config.batch_size, progress=progress, desc="evaluate")
+    logits = predict_logits_array(model, test.images, device, config.batch_size, progress=progress, desc="evaluate")
+    raw, probs = softmax(logits), softmax(logits, loaded.temperature)
     predicted = probs.argmax(1)
+    correct = predicted == test.labels
     result = classification_report(test.labels, predicted, loaded.classes)
     result["model"] = loaded.ident
+    result["calibration"] = {
+        "temperature": loaded.temperature,
+        "ece_before": expected_calibration_error(raw.max(1), correct),
+        "ece_after": expected_calibration_error(probs.max(1), correct),
+    }
     result["dataset"] = {"name": "Fashion-MNIST test", "checksums_sha256": test.checksums}
     if config.out is not None:
         result["report_files"] = [str(p) for p in write_report(
-            Path(config.out), result, test.images, test.labels, probs, loaded.classes, config.grid_size)]
+            Path(config.out), result, test.images, test.labels, raw, probs, loaded.classes, config.grid_size)]
     return result
 
 
-def write_report(out: Path, result: dict[str, Any], images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                 classes: tuple[str, ...], grid_size: int) -> list[Path]:
+def write_report(out: Path, result: dict[str, Any], images: np.ndarray, labels: np.ndarray, raw: np.ndarray,
+                 probs: np.ndarray, classes: tuple[str, ...], grid_size: int) -> list[Path]:
+    """metrics.json, confusion matrix (CSV, PNG), prediction grid, reliability and coverage plots."""
     from .checkpoint import atomic_write_json
-    from .report import plot_confusion_matrix, plot_prediction_grid, write_confusion_csv
+    from .report import (plot_confusion_matrix, plot_coverage_precision, plot_prediction_grid, plot_reliability,
+                         write_confusion_csv)
 
     out.mkdir(parents=True, exist_ok=True)
     cm = np.asarray(result["confusion_matrix"])
@@ -49,9 +59,13 @@ def write_report(out: Path, result: dict[str, Any], images: np.ndarray, labels: 
     right = np.flatnonzero(predicted == labels)
     rng = np.random.default_rng(0)
     pick = np.concatenate([rng.permutation(wrong)[: grid_size // 2], rng.permutation(right)])[:grid_size]
-    paths = [out / "metrics.json", out / "confusion_matrix.csv", out / "confusion_matrix.png", out / "predictions.png"]
+    paths = [out / "metrics.json", out / "confusion_matrix.csv", out / "confusion_matrix.png", out / "predictions.png",
+             out / "reliability.png", out / "coverage_precision.png"]
     atomic_write_json(paths[0], {k: v for k, v in result.items() if k != "report_files"})
     write_confusion_csv(cm, classes, paths[1])
     plot_confusion_matrix(cm, classes, paths[2])
     plot_prediction_grid(images[pick], labels[pick], predicted[pick], probs[pick].max(1), classes, paths[3])
+    correct = predicted == labels
+    plot_reliability({"raw softmax": raw.max(1), "calibrated": probs.max(1)}, correct, paths[4])
+    plot_coverage_precision(probs.max(1), correct, paths[5])
     return paths

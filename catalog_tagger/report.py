@@ -83,3 +83,35 @@ def plot_prediction_grid(
         ax.set_title(f"{classes[p]} ({c:.2f})\ntrue: {classes[t]}", fontsize=7,
                      color="black" if p == t else "red")
     return _save(fig, path)
+
+
+def plot_reliability(confidences: dict[str, np.ndarray], correct: np.ndarray, path: Path, bins: int = 15) -> Path:
+    """Accuracy against confidence per bin, one line per scoring; the diagonal is perfect."""
+    from .calibration import expected_calibration_error, reliability_bins
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    for name, conf in confidences.items():
+        rows = [b for b in reliability_bins(conf, correct, bins) if b["count"]]
+        ece = expected_calibration_error(conf, correct, bins)
+        ax.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows], "o-", label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_coverage_precision(confidence: np.ndarray, correct: np.ndarray, path: Path) -> Path:
+    """Precision of the auto-accepted rows against the share accepted, as the threshold falls."""
+    from .calibration import review_table
+
+    table = np.asarray(review_table(confidence, correct, points=201))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(table[:, 2], table[:, 1], "-")
+    for target in (0.95, 0.99):
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        ax.text(0.01, target, f" {target:.0%}", va="bottom", fontsize=8, color="grey")
+    ax.set(xlabel="share auto-accepted (coverage)", ylabel="precision of accepted rows",
+           title="Coverage vs precision", xlim=(0, 1))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

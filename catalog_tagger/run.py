@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_json, load_model
+from .calibration import threshold_for_precision
+from .checkpoint import LoadedModel, atomic_write_json, load_model
 from .config import TagConfig
 from .errors import Interrupted, OutputError, TooManyErrors, UsageError
 from .incremental import PreviousOutput
@@ -56,6 +57,8 @@ class Summary:
     carried_over: int = 0
     resumed_rows: int = 0
     seconds: float = 0.0
+    review_threshold: float = 0.5
+    review_rule: str = ""
 
     @property
     def failed(self) -> int:
@@ -77,6 +80,7 @@ class Summary:
             "by_status": dict(sorted(self.by_status.items())), "by_label": dict(sorted(self.by_label.items())),
             "needs_review": self.needs_review, "failed": self.failed, "processed": self.processed,
             "carried_over": self.carried_over, "resumed_rows": self.resumed_rows,
+            "review_threshold": round(self.review_threshold, 6), "review_rule": self.review_rule,
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1),
         }
 
@@ -85,7 +89,7 @@ class Summary:
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(self.by_status.items()))
         return (f"tagged {self.total} images -> {self.output}\n"
                 f"  status: {statuses or 'none'}\n  labels: {labels or 'none'}\n"
-                f"  needs review: {self.needs_review}\n"
+                f"  needs review: {self.needs_review} ({self.review_rule})\n"
                 f"  {self.processed} decoded in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)"
                 + (f", {self.carried_over} carried over" if self.carried_over else "")
                 + (f", {self.resumed_rows} from committed shards" if self.resumed_rows else ""))
@@ -150,7 +154,8 @@ def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
 def _run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) -> dict[str, Any]:
     """What must match for --resume to continue a run: same input, model and row-shaping options."""
     return {"source": source, "model": model_ident, "shard_size": config.shard_size, "top_k": config.top_k,
-            "review_threshold": config.review_threshold, "format": fmt, "hash": config.hash,
+            "review_threshold": config.review_threshold, "target_precision": config.target_precision,
+            "format": fmt, "hash": config.hash,
             "incremental": str(config.incremental) if config.incremental else None,
             "path_col": config.path_col, "id_col": config.id_col, "extensions": list(config.extensions),
             "schema_version": SCHEMA_VERSION}
@@ -213,10 +218,11 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
     source = open_source(config.source, config.extensions, config.path_col, config.id_col)
     loaded = load_model(config.model)
     device = resolve_device(config.device)
+    threshold, rule = review_threshold(config, loaded)
     previous = PreviousOutput.load(config.incremental, loaded.ident, config.hash) if config.incremental else None
     settings = TagSettings(batch_size=config.batch_size,
                            workers=default_workers() if config.workers is None else config.workers,
-                           top_k=config.top_k, review_threshold=config.review_threshold,
+                           top_k=config.top_k, review_threshold=threshold,
                            max_pixels=config.max_pixels, hash=config.hash)
     metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
                 "model_card": loaded.card}
@@ -227,7 +233,7 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
     with output_lock(out), sigterm_as_interrupt():
         run_id = _prepare_parts(parts, identity, config.resume)
         tagger = Tagger(loaded, device, settings, run_id)
-        summary = Summary(output=str(out), run_id=run_id)
+        summary = Summary(output=str(out), run_id=run_id, review_threshold=threshold, review_rule=rule)
         started = time.perf_counter()
         shard_paths: list[Path] = []
         bar = tqdm(desc="tag", unit="img", disable=not progress, smoothing=0.1)
@@ -252,6 +258,23 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
         atomic_write_json(summary_path(out), summary.to_dict())
         shutil.rmtree(parts, ignore_errors=True)
     return summary
+
+
+def review_threshold(config: TagConfig, loaded: LoadedModel) -> tuple[float, str]:
+    """The confidence below which rows need review, and a sentence saying where it came from."""
+    if config.target_precision is None:
+        return config.review_threshold, f"confidence < {config.review_threshold:g}"
+    table = loaded.card.get("calibration", {}).get("review_table")
+    if not table:
+        raise UsageError("--target-precision needs a calibrated model (its card has no calibration table); "
+                         "re-train it or use --review-threshold")
+    chosen = threshold_for_precision(table, config.target_precision)
+    if chosen is None:
+        raise UsageError(f"no threshold reaches precision {config.target_precision:g} on this model's validation "
+                         "data; lower --target-precision")
+    threshold, precision, coverage = chosen
+    return threshold, (f"confidence < {threshold:.4f}, chosen for precision {config.target_precision:g} on "
+                       f"validation data: {precision:.3f} precision, {coverage:.1%} auto-accepted there")
 
 
 def check_error_rate(summary: Summary, max_error_rate: float | None) -> None:

@@ -60,7 +60,7 @@ def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
         yield chunk.unsqueeze(1) if chunk.ndim == 3 else chunk
 
 
-def predict_probs(
+def predict_logits_array(
     model: nn.Module,
     images: np.ndarray,
     device: torch.device,
@@ -68,9 +68,23 @@ def predict_probs(
     progress: bool = False,
     desc: str = "predict",
 ) -> np.ndarray:
-    """Softmax probabilities (N, classes) for a uint8 image array."""
+    """Raw logits (N, classes) for a uint8 image array."""
     out = []
     total = (len(images) + batch_size - 1) // batch_size
     for batch in tqdm(iter_batches(images, batch_size), total=total, desc=desc, disable=not progress, leave=False):
-        out.append(torch.softmax(predict_logits(model, batch, device), dim=1).numpy())
+        out.append(predict_logits(model, batch, device).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def predict_probs(
+    model: nn.Module,
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = 1024,
+    progress: bool = False,
+    desc: str = "predict",
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Softmax probabilities (N, classes) for a uint8 image array, at ``temperature``."""
+    logits = predict_logits_array(model, images, device, batch_size, progress, desc)
+    return torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()

@@ -104,7 +104,8 @@ class Tagger:
         self.top_k = max(1, min(settings.top_k, len(self.classes)))
 
     def _ok_rows(self, batch: torch.Tensor) -> list[dict[str, Any]]:
-        probs = torch.softmax(predict_logits(self.model, batch, self.device), dim=1)
+        logits = predict_logits(self.model, batch, self.device)
+        probs = torch.softmax(logits / self.loaded.temperature, dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
         rows = []
         for s, i in zip(scores.tolist(), ids.tolist()):

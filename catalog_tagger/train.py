@@ -32,7 +32,8 @@ from .errors import UsageError
 from .metrics import classification_report
 from .model import ModelConfig, build_model
 from .preprocess import PREPROCESSING
-from .runtime import autocast, predict_probs, resolve_device, to_unit
+from .calibration import calibrate
+from .runtime import autocast, predict_logits_array, predict_probs, resolve_device, to_unit
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
 
     train_seconds = elapsed_before + time.perf_counter() - started
     model.eval()
+    calibration = calibrate(predict_logits_array(model, val_images, device, config.eval_batch_size), val_labels)
     test = load_split("test", config.data_dir)
     test_probs = predict_probs(model, test.images, device, config.eval_batch_size)
     test_report = classification_report(test.labels, test_probs.argmax(1), model_config.classes)
@@ -218,6 +220,7 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
             "test_macro_f1": test_report["macro"]["f1"],
             "test_n": test_report["n"],
         },
+        "calibration": calibration,
         "package_version": __version__,
         "torch_version": torch.__version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
