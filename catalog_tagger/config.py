@@ -31,6 +31,17 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    # The retailer's own labeled photos instead of Fashion-MNIST: a folder with one
+    # sub-folder per class, or a CSV manifest with a path and a label column.
+    data: Path | None = None
+    manifest: Path | None = None
+    path_col: str = "path"
+    label_col: str = "label"
+    input_size: int = 28
+    channels: int = 1
+    val_fraction: float = 0.1
+    init: Path | None = None
+    workers: int | None = None
     # Bounded so that progress bars and curves stay meaningful on tiny test datasets.
     eval_batch_size: int = 1024
     widths: tuple[int, ...] = (32, 64, 128)
@@ -49,6 +60,11 @@ class EvalConfig:
     batch_size: int = 1024
     device: str = "auto"
     grid_size: int = 36
+    data: Path | None = None
+    manifest: Path | None = None
+    path_col: str = "path"
+    label_col: str = "label"
+    workers: int | None = None
 
 
 @dataclass(frozen=True)

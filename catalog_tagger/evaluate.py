@@ -10,6 +10,8 @@ import numpy as np
 from .checkpoint import load_model
 from .config import EvalConfig
 from .data.fashion_mnist import load_split
+from .data.labeled import LabeledArrays, load_labeled
+from .tagging import default_workers
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES
 from .calibration import expected_calibration_error, softmax
@@ -17,15 +19,25 @@ from .runtime import predict_logits_array, prepare_model, resolve_device
 
 
 def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]:
-    """Accuracy, per-class report and confusion matrix of a model on the Fashion-MNIST test set.
+    """Accuracy, per-class report and confusion matrix of a model on the Fashion-MNIST test
+    set, or on labeled photos (``config.data`` folder or ``config.manifest``).
 
     With ``config.out``, also writes metrics.json, confusion_matrix.{csv,png} and a grid of
     sample predictions.
     """
-    loaded = load_model(config.model, expected_classes=FASHION_MNIST_CLASSES)
+    own = config.data is not None or config.manifest is not None
+    loaded = load_model(config.model, expected_classes=None if own else FASHION_MNIST_CLASSES)
     device = resolve_device(config.device)
     model = prepare_model(loaded.model, device)
-    test = load_split("test", config.data_dir)
+    if own:
+        test = load_labeled(config.data, config.manifest, loaded.config, config.path_col, config.label_col,
+                            classes=loaded.classes, workers=default_workers() if config.workers is None else config.workers,
+                            progress=progress)
+        dataset = {"name": str(config.data or config.manifest), "skipped_images": len(test.skipped)}
+    else:
+        fmnist = load_split("test", config.data_dir)
+        test = LabeledArrays(fmnist.images[:, None], fmnist.labels, FASHION_MNIST_CLASSES)
+        dataset = {"name": "Fashion-MNIST test", "checksums_sha256": fmnist.checksums}
     logits = predict_logits_array(model, test.images, device, config.batch_size, progress=progress, desc="evaluate")
     raw, probs = softmax(logits), softmax(logits, loaded.temperature)
     predicted = probs.argmax(1)
@@ -37,7 +49,7 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
         "ece_before": expected_calibration_error(raw.max(1), correct),
         "ece_after": expected_calibration_error(probs.max(1), correct),
     }
-    result["dataset"] = {"name": "Fashion-MNIST test", "checksums_sha256": test.checksums}
+    result["dataset"] = dataset
     if config.out is not None:
         result["report_files"] = [str(p) for p in write_report(
             Path(config.out), result, test.images, test.labels, raw, probs, loaded.classes, config.grid_size)]

@@ -79,7 +79,11 @@ def plot_prediction_grid(
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t, p, c in zip(axes.flat, images, y_true, y_pred, confidence):
-        ax.imshow(np.squeeze(img), cmap="gray", vmin=0, vmax=255)
+        img = np.asarray(img)
+        if img.ndim == 3 and img.shape[0] == 3:  # (C, H, W) colour -> (H, W, C)
+            ax.imshow(img.transpose(1, 2, 0))
+        else:
+            ax.imshow(np.squeeze(img), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{classes[p]} ({c:.2f})\ntrue: {classes[t]}", fontsize=7,
                      color="black" if p == t else "red")
     return _save(fig, path)

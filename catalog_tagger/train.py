@@ -27,13 +27,15 @@ from . import __version__
 from .augment import train_augment
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
-from .data.fashion_mnist import load_split, train_val_indices
-from .errors import UsageError
+from .checkpoint import LoadedModel, load_model
+from .data.labeled import LabeledArrays, TrainingData, fashion_mnist_data, load_labeled, own_data
+from .errors import ModelError, UsageError
 from .metrics import classification_report
-from .model import ModelConfig, build_model
+from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
 from .calibration import calibrate
 from .runtime import autocast, predict_logits_array, predict_probs, resolve_device, to_unit
+from .tagging import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +107,36 @@ def evaluate_arrays(
     return {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean())}
 
 
-def _model_config(config: TrainConfig, train_images: np.ndarray) -> ModelConfig:
+def _model_config(config: TrainConfig, train: LabeledArrays) -> ModelConfig:
     # Normalisation statistics are measured on the training split and stored in the model.
-    scaled = train_images.astype(np.float32) / 255.0
+    scaled = train.images.astype(np.float32) / 255.0
+    channels = train.images.shape[1]
     return ModelConfig(
-        input_size=train_images.shape[-1],
-        channels=1,
+        classes=train.classes,
+        input_size=train.images.shape[-1],
+        channels=channels,
         widths=tuple(config.widths),
         stem_width=config.stem_width,
-        mean=(round(float(scaled.mean()), 4),),
-        std=(round(float(scaled.std()), 4),),
+        mean=tuple(round(float(scaled[:, c].mean()), 4) for c in range(channels)),
+        std=tuple(round(float(scaled[:, c].std()), 4) for c in range(channels)),
     )
+
+
+def load_training_data(config: TrainConfig, init: LoadedModel | None, progress: bool) -> TrainingData:
+    """Fashion-MNIST by default; the retailer's own labeled photos with --data/--manifest."""
+    if config.data is None and config.manifest is None:
+        if init is not None and init.classes != FASHION_MNIST_CLASSES:
+            raise ModelError(f"--init model has classes {list(init.classes)}, not Fashion-MNIST's")
+        return fashion_mnist_data(config.data_dir, config.val_size, config.seed)
+    c = config.channels
+    decode_as = init.config if init is not None else ModelConfig(
+        input_size=config.input_size, channels=c, mean=(0.5,) * c, std=(0.25,) * c)
+    labeled = load_labeled(config.data, config.manifest, decode_as, config.path_col, config.label_col,
+                           classes=init.classes if init is not None else None,
+                           workers=default_workers() if config.workers is None else config.workers,
+                           progress=progress)
+    source = str(config.data if config.data is not None else config.manifest)
+    return own_data(labeled, config.val_fraction, config.seed, source)
 
 
 def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
@@ -132,15 +153,20 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
     if state_path.exists() and not config.resume:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
 
-    train_all = load_split("train", config.data_dir)
-    train_idx, val_idx = train_val_indices(len(train_all), config.val_size, config.seed)
-    train_images, val_images = train_all.images[train_idx], train_all.images[val_idx]
-    train_labels, val_labels = train_all.labels[train_idx], train_all.labels[val_idx]
+    init = load_model(config.init) if config.init is not None else None
+    data = load_training_data(config, init, progress)
+    train_images, train_labels = data.train.images, data.train.labels
+    val_images, val_labels = data.val.images, data.val.labels
+    # The simulated-model augmentation knows Fashion-MNIST's garment classes only.
+    worn_prob = config.worn_prob if data.train.classes == FASHION_MNIST_CLASSES and train_images.shape[1] == 1 else 0.0
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model_config = _model_config(config, train_images)
-    model = build_model(model_config).to(device=device, memory_format=torch.channels_last)
+    model_config = init.config if init is not None else _model_config(config, data.train)
+    model = build_model(model_config)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
+    model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
@@ -166,14 +192,14 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
         elapsed_before = float(state["elapsed"])
         log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, config.epochs)
 
-    images_t = torch.from_numpy(train_images).unsqueeze(1)
+    images_t = torch.from_numpy(train_images)
     labels_t = torch.from_numpy(train_labels)
     for epoch in tqdm(range(start_epoch, config.epochs), desc="epochs", disable=not progress, unit="epoch",
                       initial=start_epoch, total=config.epochs):
         t0 = time.perf_counter()
         loss, acc = train_one_epoch(
             model, optimizer, scheduler, images_t, labels_t, config.batch_size, generator, device,
-            config.label_smoothing, config.worn_prob, progress, desc=f"epoch {epoch + 1}/{config.epochs}",
+            config.label_smoothing, worn_prob, progress, desc=f"epoch {epoch + 1}/{config.epochs}",
         )
         val = evaluate_arrays(model.eval(), val_images, val_labels, device, config.eval_batch_size)
         history.add(epoch=epoch + 1, train_loss=loss, train_accuracy=acc, val_loss=val["loss"],
@@ -191,23 +217,22 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
     train_seconds = elapsed_before + time.perf_counter() - started
     model.eval()
     calibration = calibrate(predict_logits_array(model, val_images, device, config.eval_batch_size), val_labels)
-    test = load_split("test", config.data_dir)
-    test_probs = predict_probs(model, test.images, device, config.eval_batch_size)
-    test_report = classification_report(test.labels, test_probs.argmax(1), model_config.classes)
+    test_report = None
+    if data.test is not None:
+        test_probs = predict_probs(model, data.test.images, device, config.eval_batch_size)
+        test_report = classification_report(data.test.labels, test_probs.argmax(1), model_config.classes)
     final_val = history.rows[-1] if history.rows else {}
     card = {
         "name": out.name if out.name not in ("", ".") else "model",
-        "description": "Garment-type classifier for catalog photos, trained on Fashion-MNIST.",
+        "description": f"Garment-type classifier for catalog photos, trained on {data.description['dataset']}.",
         "input": {"size": model_config.input_size, "channels": model_config.channels,
                   "dtype": "uint8 converted to float in [0, 1]", "polarity": "light garment on black"},
         "preprocessing": PREPROCESSING,
         "training": {
             "config": config.to_dict(),
             "command": command,
-            "dataset": "Fashion-MNIST",
-            "train_size": len(train_idx),
-            "val_size": len(val_idx),
-            "data_checksums_sha256": {**train_all.checksums, **test.checksums},
+            **data.description,
+            "init": init.ident if init is not None else None,
             "seconds": round(train_seconds, 1),
             "device": _device_name(device),
             "torch_threads": torch.get_num_threads(),
@@ -216,9 +241,9 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
         "metrics": {
             "val_accuracy": final_val.get("val_accuracy"),
             "val_loss": final_val.get("val_loss"),
-            "test_accuracy": test_report["accuracy"],
-            "test_macro_f1": test_report["macro"]["f1"],
-            "test_n": test_report["n"],
+            "test_accuracy": test_report["accuracy"] if test_report else None,
+            "test_macro_f1": test_report["macro"]["f1"] if test_report else None,
+            "test_n": test_report["n"] if test_report else 0,
         },
         "calibration": calibration,
         "package_version": __version__,
@@ -233,7 +258,7 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
 def _resumable(config: TrainConfig) -> dict[str, Any]:
     """The options that must match for --resume to continue the same run."""
     d = config.to_dict()
-    for key in ("resume", "device", "out", "data_dir"):
+    for key in ("resume", "device", "out", "data_dir", "workers"):
         d.pop(key)
     return d
 

@@ -1,0 +1,104 @@
+"""Training and evaluating on a retailer's own labeled photos (folders or manifest)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw
+
+from catalog_tagger.checkpoint import load_model
+from catalog_tagger.config import TrainConfig
+from catalog_tagger.data.labeled import class_key, stratified_split
+from catalog_tagger.errors import DataError, ModelError
+from catalog_tagger.train import fit
+
+SHAPES = {"hats": "ellipse", "scarves": "rectangle", "belts": "line"}
+COLOURS = {"hats": (200, 30, 30), "scarves": (30, 160, 30), "belts": (40, 40, 200)}
+
+
+def _photo(kind: str, rng: np.random.Generator) -> Image.Image:
+    img = Image.new("RGB", (120, 160), "white")
+    draw = ImageDraw.Draw(img)
+    x0, y0 = rng.integers(5, 30, 2)
+    box = (int(x0), int(y0), int(x0 + 60 + rng.integers(0, 25)), int(y0 + 80 + rng.integers(0, 40)))
+    if SHAPES[kind] == "ellipse":
+        draw.ellipse(box, fill=COLOURS[kind])
+    elif SHAPES[kind] == "rectangle":
+        draw.rectangle(box, fill=COLOURS[kind])
+    else:
+        draw.line(box, fill=COLOURS[kind], width=12)
+    return img
+
+
+@pytest.fixture(scope="module")
+def own_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("own")
+    rng = np.random.default_rng(0)
+    for kind in SHAPES:
+        (root / kind).mkdir()
+        for i in range(24):
+            _photo(kind, rng).save(root / kind / f"{i:02d}.jpg", quality=90)
+    (root / "hats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def _config(tmp_path, **kw):
+    base = dict(out=tmp_path / "own-model", epochs=6, batch_size=16, lr=0.05, workers=0, device="cpu",
+                widths=(8, 16), stem_width=8, val_fraction=0.25)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_image_folder_training_learns_its_own_classes_and_skips_bad_images(own_folder, tmp_path):
+    card = fit(_config(tmp_path, data=own_folder, input_size=32, channels=3), progress=False)
+    assert card["classes"] == ["belts", "hats", "scarves"]
+    assert card["model_config"]["input_size"] == 32 and card["model_config"]["channels"] == 3
+    assert card["training"]["skipped_images"] == 1
+    assert card["training"]["skipped_examples"][0]["path"].endswith("broken.jpg")
+    assert card["metrics"]["test_accuracy"] is None and card["metrics"]["val_accuracy"] > 0.6
+    assert load_model(tmp_path / "own-model").config.channels == 3
+
+
+def test_evaluate_on_a_labeled_folder(own_folder, tmp_path, run_cli):
+    fit(_config(tmp_path, data=own_folder, epochs=20), progress=False)
+    result = run_cli("-q", "evaluate", "--model", tmp_path / "own-model", "--data", own_folder, "--json",
+                     "--workers", "0")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 72 and metrics["dataset"]["skipped_images"] == 1
+    assert metrics["accuracy"] > 0.6  # three well-separated classes; chance is 1/3
+
+
+def test_manifest_training_and_fine_tuning_from_a_model_with_the_same_classes(own_folder, tmp_path):
+    rows = [{"file": str(p), "kind": p.parent.name} for p in sorted(own_folder.rglob("*.jpg"))]
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    first = fit(_config(tmp_path, manifest=tmp_path / "labels.csv", path_col="file", label_col="kind",
+                        out=tmp_path / "a"), progress=False)
+    tuned = fit(_config(tmp_path, manifest=tmp_path / "labels.csv", path_col="file", label_col="kind",
+                        out=tmp_path / "b", init=tmp_path / "a", epochs=1), progress=False)
+    assert tuned["classes"] == first["classes"]
+    assert tuned["training"]["init"].startswith("a@sha256:")
+
+
+def test_fine_tuning_needs_matching_classes(own_folder, tmp_path):
+    bundled = load_model().weights_path  # Fashion-MNIST classes; the folder has hats, scarves, belts
+    with pytest.raises(DataError, match="not among the model's classes"):
+        fit(_config(tmp_path, data=own_folder, init=bundled, out=tmp_path / "x"), progress=False)
+
+
+def test_fashion_mnist_training_refuses_an_init_with_other_classes(own_folder, tmp_path, tiny_data_dir):
+    fit(_config(tmp_path, data=own_folder, out=tmp_path / "own"), progress=False)
+    with pytest.raises(ModelError, match="not Fashion-MNIST"):
+        fit(_config(tmp_path, data_dir=tiny_data_dir, init=tmp_path / "own", out=tmp_path / "fm"), progress=False)
+
+
+def test_folder_names_match_class_names_loosely():
+    assert class_key("T-shirt_top") == class_key("T-shirt/top") == class_key("t shirt top")
+    assert class_key("Ankle boot") != class_key("Sneaker")
+
+
+def test_stratified_split_keeps_every_class_on_both_sides():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 2)
+    train, val = stratified_split(labels, 0.2, seed=1)
+    assert set(labels[val]) == {0, 1, 2} and set(labels[train]) == {0, 1, 2}
+    assert not set(train) & set(val) and len(train) + len(val) == len(labels)
