@@ -230,6 +230,26 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Pat
     check_error_rate(summary, max_error_rate)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--model", type=click.Path(path_type=Path), required=True,
+              help="Model (.safetensors, card .json or folder) whose card gets the calibration.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@device_option
+@click.pass_context
+@reports_errors
+def calibrate(ctx: click.Context, model: Path, data_dir: Path | None, device: str) -> None:
+    """Fit temperature scaling for an existing model on its validation split (stored in its card).
+
+    `train` already does this; use it for models trained before calibration existed.
+    """
+    from .train import calibrate_saved_model
+
+    card = calibrate_saved_model(model, data_dir, device, progress=_progress(ctx))
+    cal = card["calibration"]
+    click.echo(f"temperature {cal['temperature']:.3f}: validation ECE {cal['val_ece_before']:.4f} -> "
+               f"{cal['val_ece_after']:.4f} ({cal['fitted_on']})", err=True)
+
+
 def main() -> None:
     cli(prog_name="catalog-tagger")
 

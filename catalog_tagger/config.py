@@ -6,11 +6,12 @@ place and the help text, the library and the model card all follow.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
+_PATH_FIELDS = {"out", "data_dir", "data", "manifest", "init"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,22 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
                 for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from a card's training config; unknown keys (older cards) are ignored."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                continue
+            default = known[key].default
+            if isinstance(value, list):
+                value = tuple(value)
+            elif value is not None and (isinstance(default, Path) or key in _PATH_FIELDS):
+                value = Path(value)
+            values[key] = value
+        return cls(**values)
 
 
 @dataclass(frozen=True)

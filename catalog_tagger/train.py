@@ -9,6 +9,7 @@ are judged on the validation split only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -27,7 +28,7 @@ from . import __version__
 from .augment import train_augment
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
-from .checkpoint import LoadedModel, load_model
+from .checkpoint import LoadedModel, atomic_write_json, load_model
 from .data.labeled import LabeledArrays, TrainingData, fashion_mnist_data, load_labeled, own_data
 from .errors import ModelError, UsageError
 from .metrics import classification_report
@@ -252,6 +253,24 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
     }
     card = save_model(model.cpu(), card, out / WEIGHTS_FILE)
     plot_training_curves(history.rows, out / "training_curves.png")
+    return card
+
+
+def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str = "auto",
+                          progress: bool = False) -> dict[str, Any]:
+    """Fit calibration for a saved model on the validation split its card describes, and
+    store it in the card (the weights, and so their sha256, stay as they are)."""
+    loaded = load_model(path)
+    train_config = TrainConfig.from_dict(loaded.card.get("training", {}).get("config", {}))
+    if data_dir is not None:
+        train_config = dataclasses.replace(train_config, data_dir=data_dir)
+    own = train_config.data is not None or train_config.manifest is not None
+    data = load_training_data(train_config, loaded if own else None, progress)
+    torch_device = resolve_device(device)
+    model = loaded.model.to(device=torch_device, memory_format=torch.channels_last).eval()
+    logits = predict_logits_array(model, data.val.images, torch_device, train_config.eval_batch_size)
+    card = {**loaded.card, "calibration": calibrate(logits, data.val.labels)}
+    atomic_write_json(loaded.weights_path.with_suffix(".json"), card)
     return card
 
 

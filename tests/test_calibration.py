@@ -77,3 +77,21 @@ def test_target_precision_needs_a_calibrated_model(tmp_path, run_cli):
     save_model(build_model(ModelConfig(widths=(8,), stem_width=8)), {"name": "raw"}, tmp_path / "model.safetensors")
     result = run_cli("tag", SAMPLE, "--out", tmp_path / "t.parquet", "--model", tmp_path, "--target-precision", "0.95")
     assert result.exit_code == 2 and "needs a calibrated model" in result.output
+
+
+def test_calibrate_command_adds_calibration_to_an_existing_card(tmp_path, tiny_data_dir, run_cli):
+    from catalog_tagger.checkpoint import load_model
+    from catalog_tagger.config import TrainConfig
+    from catalog_tagger.train import fit
+
+    card = fit(TrainConfig(out=tmp_path / "m", data_dir=tiny_data_dir, epochs=1, batch_size=64, val_size=200,
+                           widths=(8, 16), stem_width=8, device="cpu"), progress=False)
+    card_path = tmp_path / "m" / "model.json"
+    stripped = {k: v for k, v in card.items() if k != "calibration"}
+    card_path.write_text(json.dumps(stripped))
+    assert load_model(tmp_path / "m").temperature == 1.0
+    result = run_cli("-q", "calibrate", "--model", tmp_path / "m", "--data-dir", tiny_data_dir)
+    assert result.exit_code == 0, result.output
+    again = load_model(tmp_path / "m")  # still loads: the weights and their hash are untouched
+    assert again.card["calibration"]["temperature"] == card["calibration"]["temperature"]
+    assert again.sha256 == card["weights_sha256"]
