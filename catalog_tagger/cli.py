@@ -98,6 +98,8 @@ device_option = click.option(
               help="Training images held out for validation.")
 @click.option("--worn-prob", type=click.FloatRange(0, 1), default=default(TrainConfig, "worn_prob"),
               show_default=True, help="Share of tops and dresses shown worn by a simulated model (real photos).")
+@click.option("--flip-tta/--no-flip-tta", default=default(TrainConfig, "flip_tta"), show_default=True,
+              help="Average each prediction with the mirror image's (one more forward pass).")
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False),
               help="Your own labeled photos: a folder with one sub-folder per class.")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
@@ -118,14 +120,14 @@ device_option = click.option(
 @click.pass_context
 @reports_errors
 def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
-          seed: int, val_size: int, worn_prob: float, data: Path | None, manifest: Path | None, path_col: str,
+          seed: int, val_size: int, worn_prob: float, flip_tta: bool, data: Path | None, manifest: Path | None, path_col: str,
           label_col: str, input_size: int, channels: str, val_fraction: float, init: Path | None,
           workers: int | None, device: str, resume: bool) -> None:
     """Train a garment classifier on Fashion-MNIST, or on your own labeled photos."""
     from .train import fit
 
     config = TrainConfig(out=out, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         val_size=val_size, worn_prob=worn_prob, data=data, manifest=manifest, path_col=path_col,
+                         val_size=val_size, worn_prob=worn_prob, flip_tta=flip_tta, data=data, manifest=manifest, path_col=path_col,
                          label_col=label_col, input_size=input_size, channels=int(channels),
                          val_fraction=val_fraction, init=init, workers=workers, device=device, resume=resume)
     card = fit(config, command=_command_line(ctx), progress=_progress(ctx))
@@ -202,13 +204,15 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @click.option("--hash", "use_hash", is_flag=True, help="Record content sha256; with --incremental, compare it too.")
 @click.option("--max-pixels", type=click.IntRange(1), default=default(TagConfig, "max_pixels"), show_default=True,
               help="Images needing more decoded pixels are rejected as too_large.")
+@click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=default(TagConfig, "time_limit"),
+              show_default=True, help="Seconds one image may take to decode before it is reported as unreadable.")
 @click.pass_context
 @reports_errors
 def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Path | None, batch_size: int,
         workers: int | None, device: str, top_k: int, review_threshold: float, target_precision: float | None,
         extensions: tuple[str, ...],
         path_col: str, id_col: str | None, max_error_rate: float | None, shard_size: int, resume: bool,
-        incremental: Path | None, use_hash: bool, max_pixels: int) -> None:
+        incremental: Path | None, use_hash: bool, max_pixels: int, time_limit: float) -> None:
     """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
 
     Every input gets exactly one row, in input order; images that cannot be used get a
@@ -222,7 +226,7 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Pat
         review_threshold=review_threshold, target_precision=target_precision, format=fmt,
         extensions=extensions or default(TagConfig, "extensions"), path_col=path_col, id_col=id_col,
         max_error_rate=max_error_rate, shard_size=shard_size, resume=resume, incremental=incremental,
-        hash=use_hash, max_pixels=max_pixels,
+        hash=use_hash, max_pixels=max_pixels, time_limit=time_limit,
     )
     summary = run_tagging(config, progress=_progress(ctx))
     if not ctx.find_root().params.get("quiet"):

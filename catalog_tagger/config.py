@@ -26,7 +26,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     # Share of upper-body garments shown "worn by a model" (head, arms, legs), as real
     # catalog photos show them; see augment.worn_by_a_model.
-    worn_prob: float = 0.0
+    worn_prob: float = 0.3
+    flip_tta: bool = True
     warmup_epochs: float = 1.0
     val_size: int = 5000
     seed: int = 0
@@ -106,3 +107,5 @@ class TagConfig:
     incremental: Path | None = None
     hash: bool = False
     max_pixels: int = 64_000_000
+    # Seconds one image may take to decode before it is reported as unreadable.
+    time_limit: float = 30.0

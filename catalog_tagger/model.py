@@ -43,6 +43,9 @@ class ModelConfig:
     # Per-channel mean/std of the training images in [0, 1]; applied inside forward().
     mean: tuple[float, ...] = (0.286,)
     std: tuple[float, ...] = (0.353,)
+    # Average the logits of the image and its mirror image at inference: garments are
+    # nearly symmetric, and catalog shoes face either way. Costs one more forward pass.
+    flip_tta: bool = False
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:
@@ -109,6 +112,12 @@ class GarmentNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of images in [0, 1], shape (N, C, H, W)."""
+        if self.config.flip_tta and not self.training:
+            both = self._logits(torch.cat([x, x.flip(-1)]))
+            return (both[: len(x)] + both[len(x) :]) / 2
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         x = self.features(x)
         # Global max pool: position-invariant, which suits off-centre catalog crops.

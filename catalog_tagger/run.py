@@ -223,7 +223,7 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
     settings = TagSettings(batch_size=config.batch_size,
                            workers=default_workers() if config.workers is None else config.workers,
                            top_k=config.top_k, review_threshold=threshold,
-                           max_pixels=config.max_pixels, hash=config.hash)
+                           max_pixels=config.max_pixels, hash=config.hash, time_limit=config.time_limit)
     metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
                 "model_card": loaded.card}
     schema = output_schema(source.extra_schema, metadata)

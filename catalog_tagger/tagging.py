@@ -37,6 +37,7 @@ class TagSettings:
     review_threshold: float = 0.5
     max_pixels: int = 64_000_000
     hash: bool = False
+    time_limit: float | None = 30.0
 
 
 def default_workers() -> int:
@@ -74,7 +75,7 @@ class DecodeDataset(Dataset):
         record = self.records[index]
         if not record.path:
             return {"index": index, "status": "missing", "error": "empty path in manifest", "array": None}
-        decoded = decode_file(record.path, self.config, self.settings.max_pixels)
+        decoded = decode_file(record.path, self.config, self.settings.max_pixels, self.settings.time_limit)
         item = {"index": index, **decoded.__dict__}
         if self.settings.hash and decoded.file_size:
             item["sha256"] = file_sha256(record.path)

@@ -120,6 +120,7 @@ def _model_config(config: TrainConfig, train: LabeledArrays) -> ModelConfig:
         stem_width=config.stem_width,
         mean=tuple(round(float(scaled[:, c].mean()), 4) for c in range(channels)),
         std=tuple(round(float(scaled[:, c].std()), 4) for c in range(channels)),
+        flip_tta=config.flip_tta,
     )
 
 

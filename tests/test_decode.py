@@ -104,3 +104,23 @@ def test_good_files_of_every_supported_format_decode(tmp_path):
         assert result.status == "ok", (fmt, result.error)
         assert result.array.shape == (1, 28, 28)
         assert result.file_size == path.stat().st_size
+
+
+def test_a_file_that_decodes_too_long_is_cut_off(tmp_path, monkeypatch):
+    path = tmp_path / "slow.png"
+    path.write_bytes(_photo_bytes("PNG"))
+    import time as _time
+
+    original = Image.Image.load
+
+    def crawl(self):  # as a hostile file would: a decoder that keeps going, block after block
+        while True:
+            _time.sleep(0.01)
+
+    monkeypatch.setattr(Image.Image, "load", crawl)
+    start = _time.monotonic()
+    result = decode_file(str(path), CONFIG, LIMIT, time_limit_s=0.3)
+    assert result.status == "unreadable" and "longer than the 0.3 s limit" in result.error
+    assert _time.monotonic() - start < 3
+    monkeypatch.setattr(Image.Image, "load", original)
+    assert decode_file(str(path), CONFIG, LIMIT, time_limit_s=0.3).status == "ok"
