@@ -105,8 +105,12 @@ def parts_dir(out: Path) -> Path:
 
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
-    """An exclusive flock on OUT.lock: the kernel drops it when its holder dies, so a
-    lock file left by a killed run is recognised as free and simply taken over."""
+    """An exclusive POSIX lock on OUT.lock: the kernel drops it when its holder dies, so a
+    lock file left by a killed run is recognised as free and simply taken over.
+
+    POSIX (lockf) rather than flock: flock locks are shared with forked children, so
+    decoding workers orphaned by a kill -9 would keep the lock for seconds.
+    """
     lock_path = out.with_name(out.name + ".lock")
     try:
         fh = open(lock_path, "a+")
@@ -114,8 +118,8 @@ def output_lock(out: Path) -> Iterator[None]:
         raise OutputError(f"cannot create lock file {lock_path}: {exc.strerror or exc}") from exc
     try:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             raise OutputError(f"{out} is being written by another run ({holder}); wait for it or remove that run")
@@ -185,10 +189,15 @@ def _prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
 
 def _commit_shard(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, file size limit, read-only folder
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; finished shards are kept, "
+                          "free some space and re-run with --resume") from exc
 
 
 def _committed(path: Path, expected_rows: int) -> pa.Table | None:
@@ -307,6 +316,9 @@ def _tag_shard(tagger: Tagger, records: list[Record], schema: pa.Schema, previou
 
 def _assemble(shard_paths: list[Path], out: Path, fmt: str, schema: pa.Schema, top_k: int, summary: Summary) -> None:
     """Stream every shard, in order, into a temporary file, then rename it over OUT."""
+    # Temporary files of runs killed during this step; we hold the lock, so none is live.
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         writer = open_writer(fmt, tmp, schema, top_k)
@@ -324,7 +336,9 @@ def _assemble(shard_paths: list[Path], out: Path, fmt: str, schema: pa.Schema, t
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}; the previous output is untouched and "
+                          f"finished shards are kept in {parts_dir(out)}: free some space and re-run with "
+                          "--resume") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

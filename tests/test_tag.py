@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import os
 import shutil
@@ -238,11 +237,20 @@ def test_incremental_run_only_tags_new_and_changed_images(run_cli, catalog, tmp_
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(run_cli, tmp_path):
     out = tmp_path / "t.parquet"
-    with open(tmp_path / "t.parquet.lock", "w") as holder:
-        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
-        holder.write("pid 4242 on cron-host")
-        holder.flush()
+    # POSIX locks do not conflict within one process, so the holder is another process.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"fh = open({str(tmp_path / 't.parquet.lock')!r}, 'a+')\n"
+        "fcntl.lockf(fh.fileno(), fcntl.LOCK_EX)\n"
+        "fh.write('pid 4242 on cron-host'); fh.flush()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         result = run_cli("tag", SAMPLE, "--out", out)
+    finally:
+        holder.kill()
+        holder.wait()
     assert result.exit_code == 6 and "being written by another run" in result.output
     # A lock file left behind by a dead run holds no lock: the next run simply goes ahead.
     assert (tmp_path / "t.parquet.lock").exists()
