@@ -194,6 +194,8 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
               f"default: {', '.join(default(TagConfig, 'extensions'))}).")
 @click.option("--path-col", default=default(TagConfig, "path_col"), show_default=True, help="Manifest column with image paths.")
 @click.option("--id-col", help="Manifest column with image ids (default: the path).")
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False),
+              help="Resolve manifest paths against this folder and refuse paths that leave it.")
 @click.option("--max-error-rate", type=click.FloatRange(0, 1),
               help="Exit with code 7 (after writing) when a larger share of images failed.")
 @click.option("--shard-size", type=click.IntRange(1), default=default(TagConfig, "shard_size"), show_default=True,
@@ -211,7 +213,7 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Path | None, batch_size: int,
         workers: int | None, device: str, top_k: int, review_threshold: float, target_precision: float | None,
         extensions: tuple[str, ...],
-        path_col: str, id_col: str | None, max_error_rate: float | None, shard_size: int, resume: bool,
+        path_col: str, id_col: str | None, root: Path | None, max_error_rate: float | None, shard_size: int, resume: bool,
         incremental: Path | None, use_hash: bool, max_pixels: int, time_limit: float) -> None:
     """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
 
@@ -224,7 +226,7 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Pat
     config = TagConfig(
         source=source, out=out, model=model, batch_size=batch_size, workers=workers, device=device, top_k=top_k,
         review_threshold=review_threshold, target_precision=target_precision, format=fmt,
-        extensions=extensions or default(TagConfig, "extensions"), path_col=path_col, id_col=id_col,
+        extensions=extensions or default(TagConfig, "extensions"), path_col=path_col, id_col=id_col, root=root,
         max_error_rate=max_error_rate, shard_size=shard_size, resume=resume, incremental=incremental,
         hash=use_hash, max_pixels=max_pixels, time_limit=time_limit,
     )

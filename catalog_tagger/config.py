@@ -101,6 +101,8 @@ class TagConfig:
     extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
     path_col: str = "path"
     id_col: str | None = None
+    # Manifest paths resolve against this folder and may not leave it.
+    root: Path | None = None
     max_error_rate: float | None = None
     shard_size: int = 4096
     resume: bool = False

@@ -161,7 +161,8 @@ def _run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) ->
             "review_threshold": config.review_threshold, "target_precision": config.target_precision,
             "format": fmt, "hash": config.hash,
             "incremental": str(config.incremental) if config.incremental else None,
-            "path_col": config.path_col, "id_col": config.id_col, "extensions": list(config.extensions),
+            "path_col": config.path_col, "id_col": config.id_col, "root": str(config.root) if config.root else None,
+            "extensions": list(config.extensions),
             "schema_version": SCHEMA_VERSION}
 
 
@@ -224,7 +225,7 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
         raise OutputError(f"output folder does not exist: {out.parent}")
     if config.top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    source = open_source(config.source, config.extensions, config.path_col, config.id_col)
+    source = open_source(config.source, config.extensions, config.path_col, config.id_col, config.root)
     loaded = load_model(config.model)
     device = resolve_device(config.device)
     threshold, rule = review_threshold(config, loaded)

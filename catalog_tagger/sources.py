@@ -34,6 +34,8 @@ class Record:
     image_id: str
     path: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set when the record must not be opened at all: (status, message) for its row.
+    problem: tuple[str, str] | None = None
 
 
 @dataclass
@@ -86,11 +88,23 @@ def walk_folder(root: Path, extensions: tuple[str, ...]) -> Iterator[Record]:
             ordinal += 1
 
 
-def _resolve(value: Any, base: str) -> str:
+def _resolve(value: Any, base: str, confined: bool) -> tuple[str, tuple[str, str] | None]:
+    """The path to open, and a problem when there is none to open.
+
+    With ``confined`` (--root given), paths must stay inside ``base``: absolute paths and
+    paths that climb out with '..' are refused, so a manifest cannot reach other files.
+    """
     text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
     if not text:
-        return ""
-    return text if os.path.isabs(text) else os.path.normpath(os.path.join(base, text))
+        return "", ("missing", "empty path in manifest")
+    if os.path.isabs(text):
+        if confined:
+            return text, ("unsupported", "absolute path refused: paths must be relative to --root")
+        return text, None
+    path = os.path.normpath(os.path.join(base, text))
+    if confined and os.path.commonpath([path, os.path.normpath(base)]) != os.path.normpath(base):
+        return path, ("unsupported", "path climbs out of --root with '..': refused")
+    return path, None
 
 
 def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path) -> list[str]:
@@ -103,16 +117,16 @@ def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, man
 
 
 def _record(ordinal: int, row: dict[str, Any], path_col: str, id_col: str | None, base: str,
-            extras: list[str]) -> Record:
+            extras: list[str], confined: bool) -> Record:
     raw_path = row[path_col]
-    path = _resolve(raw_path, base)
+    path, problem = _resolve(raw_path, base, confined)
     image_id = row.get(id_col) if id_col else None
     if image_id is None or (isinstance(image_id, float) and pd.isna(image_id)) or str(image_id) == "":
         image_id = "" if raw_path is None or (isinstance(raw_path, float) and pd.isna(raw_path)) else str(raw_path)
-    return Record(ordinal, str(image_id), path, {c: row[c] for c in extras})
+    return Record(ordinal, str(image_id), path, {c: row[c] for c in extras}, problem)
 
 
-def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None) -> Source:
+def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None) -> Source:
     """CSV rows read in chunks; every pass-through column stays text, exactly as written
     (a SKU like 00123 must not become the number 123)."""
     try:
@@ -120,7 +134,7 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None) -> Sour
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
     extras = _manifest_columns(header, path_col, id_col, manifest)
-    base = os.path.dirname(os.path.abspath(manifest))
+    base = os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(manifest))
 
     def records() -> Iterator[Record]:
         ordinal = 0
@@ -129,7 +143,7 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None) -> Sour
         try:
             for chunk in reader:
                 for row in chunk.to_dict("records"):
-                    yield _record(ordinal, row, path_col, id_col, base, extras)
+                    yield _record(ordinal, row, path_col, id_col, base, extras, root is not None)
                     ordinal += 1
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
             # Found mid-run: the shards before this point stay committed for --resume.
@@ -139,7 +153,7 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None) -> Sour
     return Source(records(), schema, "manifest", str(manifest))
 
 
-def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None) -> Source:
+def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None) -> Source:
     """Parquet rows streamed batch by batch; pass-through columns keep their Arrow types."""
     try:
         parquet = pq.ParquetFile(manifest)
@@ -147,14 +161,14 @@ def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None) -> 
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
     schema = parquet.schema_arrow
     extras = _manifest_columns(schema.names, path_col, id_col, manifest)
-    base = os.path.dirname(os.path.abspath(manifest))
+    base = os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(manifest))
 
     def records() -> Iterator[Record]:
         ordinal = 0
         try:
             for batch in parquet.iter_batches(batch_size=_CSV_CHUNK):
                 for row in batch.to_pylist():
-                    yield _record(ordinal, row, path_col, id_col, base, extras)
+                    yield _record(ordinal, row, path_col, id_col, base, extras, root is not None)
                     ordinal += 1
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"manifest {manifest} is unreadable after row {ordinal}: {exc}") from exc
@@ -163,7 +177,7 @@ def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None) -> 
 
 
 def open_source(source: Path, extensions: tuple[str, ...], path_col: str = "path",
-                id_col: str | None = None) -> Source:
+                id_col: str | None = None, root: Path | None = None) -> Source:
     """A folder is walked; a .csv/.parquet file is read as a manifest; anything else is refused."""
     source = Path(source)
     if source.is_dir():
@@ -171,8 +185,10 @@ def open_source(source: Path, extensions: tuple[str, ...], path_col: str = "path
     if not source.exists():
         raise SourceError(f"source not found: {source}")
     kind = MANIFEST_SUFFIXES.get(source.suffix.lower())
+    if root is not None and not Path(root).is_dir():
+        raise SourceError(f"--root {root} is not a folder")
     if kind == "csv":
-        return read_csv_manifest(source, path_col, id_col)
+        return read_csv_manifest(source, path_col, id_col, root)
     if kind == "parquet":
-        return read_parquet_manifest(source, path_col, id_col)
+        return read_parquet_manifest(source, path_col, id_col, root)
     raise SourceError(f"{source} is neither a folder nor a manifest (.csv or .parquet)")

@@ -73,8 +73,9 @@ class DecodeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        if not record.path:
-            return {"index": index, "status": "missing", "error": "empty path in manifest", "array": None}
+        if record.problem is not None:
+            status, error = record.problem
+            return {"index": index, "status": status, "error": error, "array": None}
         decoded = decode_file(record.path, self.config, self.settings.max_pixels, self.settings.time_limit)
         item = {"index": index, **decoded.__dict__}
         if self.settings.hash and decoded.file_size:
