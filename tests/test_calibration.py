@@ -53,8 +53,8 @@ def test_trained_cards_carry_calibration_and_tag_uses_it(tmp_path, tiny_data_dir
     from catalog_tagger.config import TrainConfig
     from catalog_tagger.train import fit
 
-    card = fit(TrainConfig(out=tmp_path / "m", data_dir=tiny_data_dir, epochs=1, batch_size=64, val_size=200,
-                           widths=(8, 16), stem_width=8, device="cpu"), progress=False)
+    card = fit(TrainConfig(out=tmp_path / "m", data_dir=tiny_data_dir, epochs=3, batch_size=64, val_size=200,
+                           widths=(8, 16), stem_width=8, device="cpu", worn_prob=0.0), progress=False)
     cal = card["calibration"]
     assert cal["temperature"] > 0 and len(cal["review_table"]) == 101
     out = tmp_path / "t.parquet"
