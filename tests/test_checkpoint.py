@@ -109,3 +109,12 @@ def test_missing_card_is_a_clear_error(saved):
     (folder / "model.json").unlink()
     with pytest.raises(ModelError, match="card not found"):
         load_model(folder / "model.safetensors")
+
+
+def test_a_card_whose_class_list_does_not_fit_the_weights_is_refused(saved):
+    _, _, folder = saved
+    card = json.loads((folder / "model.json").read_text())
+    card["model_config"]["classes"] = card["classes"] = ["shoe", "bag", "hat"]  # weights have 10 outputs
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="do not fit the card"):
+        load_model(folder)

@@ -306,12 +306,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(catalog, tmp_path):
     assert not (tmp_path / "t.parquet.parts").exists()
 
 
-def test_sigterm_stops_cleanly_and_says_how_to_resume(catalog, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_cleanly_and_say_how_to_resume(catalog, tmp_path, sig):
     out = tmp_path / "t.parquet"
     args = ("--out", out, "--shard-size", "4", "--batch-size", "2", "--workers", "0")
     proc = subprocess.Popen(_cli(catalog, *args), stderr=subprocess.PIPE, text=True)
     _wait_for_shards(tmp_path / "t.parquet.parts", 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
