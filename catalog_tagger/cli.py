@@ -131,6 +131,8 @@ def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, bat
                          label_col=label_col, input_size=input_size, channels=int(channels),
                          val_fraction=val_fraction, init=init, workers=workers, device=device, resume=resume)
     card = fit(config, command=_command_line(ctx), progress=_progress(ctx))
+    if not card:  # a non-zero rank of a torchrun job: rank 0 reports
+        return
     metrics = card["metrics"]
     test = f", test accuracy {metrics['test_accuracy']:.4f}" if metrics["test_accuracy"] is not None else ""
     click.echo(f"trained {card['training']['seconds']:.0f}s: val accuracy {metrics['val_accuracy']:.4f}{test} "

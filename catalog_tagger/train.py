@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .augment import train_augment
 from .checkpoint import load_training_state, save_model, save_training_state
+from .distributed import DistInfo, barrier, device_for, setup, sum_across, teardown
 from .config import TrainConfig
 from .checkpoint import LoadedModel, atomic_write_json, load_model
 from .data.labeled import LabeledArrays, TrainingData, fashion_mnist_data, load_labeled, own_data
@@ -72,18 +73,29 @@ def train_one_epoch(
     worn_prob: float = 0.0,
     progress: bool = True,
     desc: str = "train",
+    dist_info: DistInfo = DistInfo(),
+    aug_generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """One pass over shuffled uint8 ``images`` (N, C, H, W); returns (mean loss, accuracy)."""
+    """One pass over shuffled uint8 ``images`` (N, C, H, W); returns (mean loss, accuracy).
+
+    Under DDP every rank draws the same permutation from ``generator`` and takes every
+    world_size-th index of it (what DistributedSampler does), with its own
+    ``aug_generator`` for augmentation; ``batch_size`` stays the global batch.
+    """
     model.train()
+    aug_generator = generator if aug_generator is None else aug_generator
     order = torch.randperm(len(images), generator=generator)
+    world = dist_info.world_size
+    batch_size = max(1, batch_size // world)
+    order = order[dist_info.rank :: world]
     # Drop the ragged last batch: a tiny batch gives batch norm noisy statistics.
-    n_batches = max(1, len(order) // batch_size)
+    n_batches = max(1, len(images) // world // batch_size)
     total_loss = total_correct = seen = 0.0
     bar = tqdm(range(n_batches), desc=desc, disable=not progress, leave=False, unit="batch")
     for i in bar:
         idx = order[i * batch_size : (i + 1) * batch_size]
         y = labels[idx].to(device, non_blocking=True)
-        x = train_augment(to_unit(images[idx], device), y, generator, worn_prob=worn_prob)
+        x = train_augment(to_unit(images[idx], device), y, aug_generator, worn_prob=worn_prob)
         with autocast(device):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -96,6 +108,7 @@ def train_one_epoch(
         total_correct += (logits.argmax(1) == y).sum().item()
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}")
+    total_loss, total_correct, seen = sum_across([total_loss, total_correct, seen], dist_info, device)
     return total_loss / seen, total_correct / seen
 
 
@@ -144,12 +157,22 @@ def load_training_data(config: TrainConfig, init: LoadedModel | None, progress: 
 def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate once on test, and write the model + card.
 
-    Returns the model card.
+    Returns the model card (an empty dict on the non-zero ranks of a torchrun job).
     """
+    info = setup()
+    try:
+        return _fit(config, command, progress and info.is_main, info)
+    finally:
+        teardown(info)
+
+
+def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
     from .report import plot_training_curves  # matplotlib is slow to import; only here
 
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    device = device_for(info, resolve_device(config.device))
     out = Path(config.out)
     state_path = out / STATE_FILE
     if state_path.exists() and not config.resume:
@@ -169,6 +192,12 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
     if init is not None:
         model.load_state_dict(init.model.state_dict())
     model = model.to(device=device, memory_format=torch.channels_last)
+    # Under torchrun, DDP averages gradients across ranks; `model` stays the plain module
+    # (same parameters) for evaluation and saving.
+    net: nn.Module = model
+    if info.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    aug_generator = torch.Generator().manual_seed(config.seed + 1000 * (info.rank + 1)) if info.enabled else None
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
@@ -200,9 +229,13 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
                       initial=start_epoch, total=config.epochs):
         t0 = time.perf_counter()
         loss, acc = train_one_epoch(
-            model, optimizer, scheduler, images_t, labels_t, config.batch_size, generator, device,
+            net, optimizer, scheduler, images_t, labels_t, config.batch_size, generator, device,
             config.label_smoothing, worn_prob, progress, desc=f"epoch {epoch + 1}/{config.epochs}",
+            dist_info=info, aug_generator=aug_generator,
         )
+        if not info.is_main:
+            barrier(info)  # rank 0 validates and writes the checkpoint meanwhile
+            continue
         val = evaluate_arrays(model.eval(), val_images, val_labels, device, config.eval_batch_size)
         history.add(epoch=epoch + 1, train_loss=loss, train_accuracy=acc, val_loss=val["loss"],
                     val_accuracy=val["accuracy"], lr=optimizer.param_groups[0]["lr"],
@@ -215,7 +248,10 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
             "torch_rng": torch.get_rng_state(), "history": history.rows, "train_config": _resumable(config),
             "elapsed": elapsed_before + time.perf_counter() - started,
         })
+        barrier(info)
 
+    if not info.is_main:
+        return {}
     train_seconds = elapsed_before + time.perf_counter() - started
     model.eval()
     calibration = calibrate(predict_logits_array(model, val_images, device, config.eval_batch_size), val_labels)
@@ -235,6 +271,7 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
             "command": command,
             **data.description,
             "init": init.ident if init is not None else None,
+            "distributed": {"world_size": info.world_size, "backend": info.backend},
             "seconds": round(train_seconds, 1),
             "device": _device_name(device),
             "torch_threads": torch.get_num_threads(),
