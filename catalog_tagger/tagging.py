@@ -72,15 +72,19 @@ class DecodeDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
-        if record.problem is not None:
-            status, error = record.problem
-            return {"index": index, "status": status, "error": error, "array": None}
-        decoded = decode_file(record.path, self.config, self.settings.max_pixels, self.settings.time_limit)
-        item = {"index": index, **decoded.__dict__}
-        if self.settings.hash and decoded.file_size:
-            item["sha256"] = file_sha256(record.path)
-        return item
+        return {"index": index, **decode_record(self.records[index], self.config, self.settings)}
+
+
+def decode_record(record: Record, config: ModelConfig, settings: TagSettings) -> dict[str, Any]:
+    """One record -> its status, metadata and (when ok) model input array; never raises."""
+    if record.problem is not None:
+        status, error = record.problem
+        return {"status": status, "error": error, "array": None}
+    decoded = decode_file(record.path, config, settings.max_pixels, settings.time_limit)
+    item = dict(decoded.__dict__)
+    if settings.hash and decoded.file_size:
+        item["sha256"] = file_sha256(record.path)
+    return item
 
 
 def collate(items: list[dict[str, Any]]) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
@@ -131,18 +135,26 @@ class Tagger:
                 # Workers get a fresh interpreter state cheaply by fork where available.
                 multiprocessing_context="fork" if workers and "fork" in _start_methods() else None,
             )
-            tagged_at = datetime.now(timezone.utc)
             for batch, items in loader:
-                predictions = iter(self._ok_rows(batch)) if batch is not None else iter(())
-                for item in items:
-                    record = records[item["index"]]
-                    row = self._base_row(record, item, tagged_at)
-                    if item["has_array"]:
-                        row.update(next(predictions))
+                for item, row in zip(items, self.rows_for([records[i["index"]] for i in items], items, batch)):
                     rows[item["index"]] = row
                 if on_batch is not None:
                     on_batch(len(items))
         return rows_to_table(rows, schema)  # type: ignore[arg-type]
+
+    def rows_for(self, records: Sequence[Record], items: Sequence[dict[str, Any]],
+                 batch: torch.Tensor | None) -> list[dict[str, Any]]:
+        """Output rows for decoded ``items`` (one per record, with ``has_array`` set) and
+        ``batch``, the stacked arrays of the items that have one, in order."""
+        tagged_at = datetime.now(timezone.utc)
+        predictions = iter(self._ok_rows(batch)) if batch is not None else iter(())
+        rows = []
+        for record, item in zip(records, items):
+            row = self._base_row(record, item, tagged_at)
+            if item["has_array"]:
+                row.update(next(predictions))
+            rows.append(row)
+        return rows
 
     def _base_row(self, record: Record, item: dict[str, Any], tagged_at: datetime) -> dict[str, Any]:
         row = {
