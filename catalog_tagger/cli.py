@@ -208,6 +208,13 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @click.option("--hash", "use_hash", is_flag=True, help="Record content sha256; with --incremental, compare it too.")
 @click.option("--max-pixels", type=click.IntRange(1), default=default(TagConfig, "max_pixels"), show_default=True,
               help="Images needing more decoded pixels are rejected as too_large.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: a Ray cluster (--out is then a folder of Parquet parts).")
+@click.option("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance).")
+@click.option("--num-gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="GPUs per model actor with --engine ray.")
+@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
+              help="Model actors with --engine ray (decoding uses every CPU of the cluster).")
 @click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=default(TagConfig, "time_limit"),
               show_default=True, help="Seconds one image may take to decode before it is reported as unreadable.")
 @click.pass_context
@@ -216,7 +223,8 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Pat
         workers: int | None, device: str, top_k: int, review_threshold: float, target_precision: float | None,
         extensions: tuple[str, ...],
         path_col: str, id_col: str | None, root: Path | None, max_error_rate: float | None, shard_size: int, resume: bool,
-        incremental: Path | None, use_hash: bool, max_pixels: int, time_limit: float) -> None:
+        incremental: Path | None, use_hash: bool, max_pixels: int, engine: str, ray_address: str | None,
+        num_gpus_per_worker: float, concurrency: int, time_limit: float) -> None:
     """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
 
     Every input gets exactly one row, in input order; images that cannot be used get a
@@ -232,7 +240,14 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Pat
         max_error_rate=max_error_rate, shard_size=shard_size, resume=resume, incremental=incremental,
         hash=use_hash, max_pixels=max_pixels, time_limit=time_limit,
     )
-    summary = run_tagging(config, progress=_progress(ctx))
+    if engine == "ray":
+        if incremental is not None or fmt == "csv":
+            raise click.UsageError("--engine ray writes a Parquet dataset and does not support --incremental yet")
+        from .ray_engine import run_tagging_ray
+
+        summary = run_tagging_ray(config, ray_address, num_gpus_per_worker, concurrency, progress=_progress(ctx))
+    else:
+        summary = run_tagging(config, progress=_progress(ctx))
     if not ctx.find_root().params.get("quiet"):
         click.echo(summary.text(), err=True)
     check_error_rate(summary, max_error_rate)

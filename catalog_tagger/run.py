@@ -168,7 +168,8 @@ def _run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) ->
 
 def _prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
     """Create or reuse the parts folder; returns the run id."""
-    state_file = parts / "run.json"
+    # Underscore: Parquet dataset readers skip such files in a folder of parts.
+    state_file = parts / "_run.json"
     if parts.exists() and resume and state_file.exists():
         try:
             state = json.loads(state_file.read_text())

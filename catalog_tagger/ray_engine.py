@@ -1,0 +1,157 @@
+"""Tagging on a Ray cluster: CPU tasks decode, GPU (or CPU) actors run the model.
+
+The same records, decoding, preprocessing, model and row building as the local engine
+(``decode_record`` and ``Tagger.rows_for``), so a bad file becomes the same row with the
+same status. The output is a Parquet dataset: a folder of ``part-NNNNNN.parquet`` files,
+one per shard of ``--shard-size`` input records, numbered in input order; rows are in
+input order within each file and carry ``ordinal`` (their position in the input), so
+``ORDER BY ordinal`` restores the global order whatever reads the folder.
+
+``--resume`` skips the shards whose file is already complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .checkpoint import load_model
+from .config import TagConfig
+from .errors import UsageError
+from .model import ModelConfig
+from .run import (Summary, _chunks, _commit_shard, _prepare_parts, _run_identity, output_lock, review_threshold,
+                  summary_path)
+from .runtime import resolve_device
+from .schema import SCHEMA_VERSION, output_schema, rows_to_table
+from .sources import open_source
+from .tagging import Tagger, TagSettings, decode_record
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "the Ray engine needs Ray: pip install 'catalog-tagger[ray]'"
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return ray
+
+
+def _decode_batch(batch: dict[str, np.ndarray], config: ModelConfig, settings: TagSettings) -> dict[str, Any]:
+    """CPU task: decode a batch of records; failures become items with a status."""
+    items, arrays = [], []
+    for record in batch["record"]:
+        item = decode_record(record, config, settings)
+        arrays.append(item.pop("array"))
+        items.append(item)
+    return {"shard": batch["shard"], "ordinal": batch["ordinal"], "record": batch["record"],
+            "item": np.array(items, dtype=object), "array": np.array(arrays + [None], dtype=object)[:-1]}
+
+
+class _Predictor:
+    """Actor: loads the model once, then turns decoded batches into output rows."""
+
+    def __init__(self, model_path: str | None, settings: TagSettings, run_id: str, device: str,
+                 schema: pa.Schema) -> None:
+        loaded = load_model(Path(model_path) if model_path else None)
+        self.tagger = Tagger(loaded, resolve_device(device), settings, run_id)
+        self.schema = schema
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        items = [dict(item, has_array=array is not None) for item, array in zip(batch["item"], batch["array"])]
+        good = [a for a in batch["array"] if a is not None]
+        stacked = torch.from_numpy(np.stack(good)) if good else None
+        rows = self.tagger.rows_for(list(batch["record"]), items, stacked)
+        table = rows_to_table(rows, self.schema)
+        return table.append_column("shard", pa.array(batch["shard"].astype(np.int64))) \
+                    .append_column("ordinal", pa.array(batch["ordinal"].astype(np.int64)))
+
+
+def run_tagging_ray(config: TagConfig, address: str | None = None, num_gpus_per_worker: float = 0.0,
+                    concurrency: int = 1, progress: bool = True) -> Summary:
+    """Tag ``config.source`` into the folder ``config.out`` on a Ray cluster; returns the summary."""
+    ray = _import_ray()
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"with --engine ray, --out is a folder for the Parquet dataset; {out} is a file")
+    source = open_source(config.source, config.extensions, config.path_col, config.id_col, config.root)
+    loaded = load_model(config.model)
+    threshold, rule = review_threshold(config, loaded)
+    settings = TagSettings(batch_size=config.batch_size, top_k=config.top_k, review_threshold=threshold,
+                           max_pixels=config.max_pixels, hash=config.hash, time_limit=config.time_limit)
+    metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
+                "model_card": loaded.card}
+    schema = output_schema(source.extra_schema, metadata)
+    identity = _run_identity(config, "parquet-dataset", loaded.ident, str(Path(config.source).resolve()))
+    with output_lock(out):
+        run_id = _prepare_parts(out, identity, config.resume)
+        return _run(ray, config, out, source, loaded, settings, schema, run_id, threshold, rule, address,
+                    num_gpus_per_worker, concurrency, progress)
+
+
+def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, settings: TagSettings,
+         schema: pa.Schema, run_id: str, threshold: float, rule: str, address: str | None,
+         num_gpus_per_worker: float, concurrency: int, progress: bool) -> Summary:
+    out_schema = schema.append(pa.field("ordinal", pa.int64()))
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = progress
+
+    summary = Summary(output=str(out), run_id=run_id, review_threshold=threshold, review_rule=rule)
+    started = time.perf_counter()
+    pending: list[dict[str, Any]] = []
+    expected: dict[int, int] = {}
+    paths: list[Path] = []
+    for index, records in enumerate(_chunks(source.records, config.shard_size)):
+        path = out / f"part-{index:06d}.parquet"
+        paths.append(path)
+        if path.exists() and pq.read_metadata(path).num_rows == len(records):
+            summary.resumed_rows += len(records)
+            continue
+        expected[index] = len(records)
+        pending.extend({"shard": index, "ordinal": r.ordinal, "record": r} for r in records)
+
+    if pending:
+        device = "cuda" if num_gpus_per_worker > 0 else "cpu"
+        ds = ray.data.from_items(pending).map_batches(
+            _decode_batch, fn_kwargs={"config": loaded.config, "settings": settings},
+            batch_size=64, batch_format="numpy")
+        ds = ds.map_batches(
+            _Predictor, fn_constructor_kwargs={"model_path": str(config.model) if config.model else None,
+                                               "settings": settings, "run_id": run_id, "device": device,
+                                               "schema": schema},
+            concurrency=concurrency, num_gpus=num_gpus_per_worker, batch_size=config.batch_size,
+            batch_format="numpy")
+        buffers: dict[int, list[pa.Table]] = defaultdict(list)
+        counts: dict[int, int] = defaultdict(int)
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for shard in np.unique(table["shard"].to_numpy()):
+                part = table.filter(pa.compute.equal(table["shard"], pa.scalar(int(shard), pa.int64())))
+                buffers[int(shard)].append(part.drop_columns(["shard"]))
+                counts[int(shard)] += part.num_rows
+                if counts[int(shard)] == expected[int(shard)]:
+                    whole = pa.concat_tables(buffers.pop(int(shard))).sort_by("ordinal").cast(out_schema)
+                    _commit_shard(out / f"part-{int(shard):06d}.parquet", whole)
+        summary.processed = len(pending)
+
+    summary.seconds = time.perf_counter() - started
+    for path in paths:
+        summary.count(pq.read_table(path))
+    from .checkpoint import atomic_write_json
+
+    atomic_write_json(summary_path(out), summary.to_dict())
+    return summary
