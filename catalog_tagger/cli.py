@@ -85,6 +85,20 @@ device_option = click.option(
 )
 
 
+def labeled_photo_options(func: F) -> F:
+    """--data / --manifest / --path-col / --label-col, shared by train and evaluate."""
+    for option in reversed([
+        click.option("--data", type=click.Path(path_type=Path, file_okay=False),
+                     help="Labeled photos instead of Fashion-MNIST: a folder with one sub-folder per class."),
+        click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
+                     help="Labeled photos instead of Fashion-MNIST: a CSV with a path and a label column."),
+        click.option("--path-col", default=default(TrainConfig, "path_col"), show_default=True),
+        click.option("--label-col", default=default(TrainConfig, "label_col"), show_default=True),
+    ]):
+        func = option(func)
+    return func
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=default(TrainConfig, "out"), show_default=True,
               help="Folder for the checkpoint, model.safetensors, its card and curves.")
@@ -100,12 +114,7 @@ device_option = click.option(
               show_default=True, help="Share of tops and dresses shown worn by a simulated model (real photos).")
 @click.option("--flip-tta/--no-flip-tta", default=default(TrainConfig, "flip_tta"), show_default=True,
               help="Average each prediction with the mirror image's (one more forward pass).")
-@click.option("--data", type=click.Path(path_type=Path, file_okay=False),
-              help="Your own labeled photos: a folder with one sub-folder per class.")
-@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
-              help="Your own labeled photos: a CSV with a path and a label column.")
-@click.option("--path-col", default=default(TrainConfig, "path_col"), show_default=True)
-@click.option("--label-col", default=default(TrainConfig, "label_col"), show_default=True)
+@labeled_photo_options
 @click.option("--input-size", type=click.IntRange(8), default=default(TrainConfig, "input_size"), show_default=True,
               help="Model input size in pixels (own photos only).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=str(default(TrainConfig, "channels")),
@@ -146,12 +155,7 @@ def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, bat
 @click.option("--batch-size", type=click.IntRange(1), default=default(EvalConfig, "batch_size"), show_default=True)
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on stdout.")
-@click.option("--data", type=click.Path(path_type=Path, file_okay=False),
-              help="Labeled photos instead of Fashion-MNIST: one sub-folder per class.")
-@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
-              help="Labeled photos instead of Fashion-MNIST: a CSV with a path and a label column.")
-@click.option("--path-col", default=default(EvalConfig, "path_col"), show_default=True)
-@click.option("--label-col", default=default(EvalConfig, "label_col"), show_default=True)
+@labeled_photo_options
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes for labeled photos.")
 @click.pass_context
 @reports_errors

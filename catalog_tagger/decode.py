@@ -122,9 +122,6 @@ def _decode_open(img: Image.Image, config: ModelConfig, max_pixels: int) -> Deco
     if img.format not in SUPPORTED_FORMATS:
         return _fail("unsupported", f"unsupported image format {img.format}")
     width, height = img.size
-    orientation = _orientation(img)
-    if orientation in _TRANSPOSED:
-        width, height = height, width
     if width <= 0 or height <= 0:
         return _fail("empty", "image has no pixels", width, height)
     if max(width, height) > _INT32_MAX:  # only a corrupt header declares this; keep the row's int32 columns valid
@@ -134,9 +131,14 @@ def _decode_open(img: Image.Image, config: ModelConfig, max_pixels: int) -> Deco
         target = 4 * config.input_size
         img.draft("L" if config.channels == 1 else "RGB", (target, target))
     decoded_pixels = img.size[0] * img.size[1]
+    # Checked before anything else touches the pixels: reading EXIF from a PNG can mean
+    # decoding the whole image to reach a chunk after the pixel data.
     if decoded_pixels > max_pixels:
         return _fail("too_large", f"{img.size[0]}x{img.size[1]} pixels exceeds the limit of {max_pixels}",
                      width, height)
+    orientation = _orientation(img)
+    if orientation in _TRANSPOSED:
+        width, height = height, width
     img.seek(0)  # first frame of animated GIF/WebP/TIFF
     img.load()
     if orientation not in (None, 1):
