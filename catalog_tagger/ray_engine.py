@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import atomic_write_json, load_model
 from .config import TagConfig
 from .errors import UsageError
 from .model import ModelConfig
-from .run import (Summary, _chunks, _commit_shard, _prepare_parts, _run_identity, output_lock, review_threshold,
+from .run import (Summary, chunks, commit_shard, output_lock, prepare_parts, review_threshold, run_identity,
                   summary_path)
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema, rows_to_table
@@ -93,9 +93,9 @@ def run_tagging_ray(config: TagConfig, address: str | None = None, num_gpus_per_
     metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
                 "model_card": loaded.card}
     schema = output_schema(source.extra_schema, metadata)
-    identity = _run_identity(config, "parquet-dataset", loaded.ident, str(Path(config.source).resolve()))
+    identity = run_identity(config, "parquet-dataset", loaded.ident, str(Path(config.source).resolve()))
     with output_lock(out):
-        run_id = _prepare_parts(out, identity, config.resume)
+        run_id = prepare_parts(out, identity, config.resume)
         return _run(ray, config, out, source, loaded, settings, schema, run_id, threshold, rule, address,
                     num_gpus_per_worker, concurrency, progress)
 
@@ -116,7 +116,7 @@ def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, setti
     pending: list[dict[str, Any]] = []
     expected: dict[int, int] = {}
     paths: list[Path] = []
-    for index, records in enumerate(_chunks(source.records, config.shard_size)):
+    for index, records in enumerate(chunks(source.records, config.shard_size)):
         path = out / f"part-{index:06d}.parquet"
         paths.append(path)
         if path.exists() and pq.read_metadata(path).num_rows == len(records):
@@ -145,13 +145,11 @@ def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, setti
                 counts[int(shard)] += part.num_rows
                 if counts[int(shard)] == expected[int(shard)]:
                     whole = pa.concat_tables(buffers.pop(int(shard))).sort_by("ordinal").cast(out_schema)
-                    _commit_shard(out / f"part-{int(shard):06d}.parquet", whole)
+                    commit_shard(out / f"part-{int(shard):06d}.parquet", whole)
         summary.processed = len(pending)
 
     summary.seconds = time.perf_counter() - started
     for path in paths:
         summary.count(pq.read_table(path))
-    from .checkpoint import atomic_write_json
-
     atomic_write_json(summary_path(out), summary.to_dict())
     return summary

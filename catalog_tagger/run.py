@@ -150,12 +150,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+def chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
     while chunk := list(itertools.islice(records, size)):
         yield chunk
 
 
-def _run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) -> dict[str, Any]:
+def run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) -> dict[str, Any]:
     """What must match for --resume to continue a run: same input, model and row-shaping options."""
     return {"source": source, "model": model_ident, "shard_size": config.shard_size, "top_k": config.top_k,
             "review_threshold": config.review_threshold, "target_precision": config.target_precision,
@@ -166,7 +166,7 @@ def _run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) ->
             "schema_version": SCHEMA_VERSION}
 
 
-def _prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
+def prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
     """Create or reuse the parts folder; returns the run id."""
     # Underscore: Parquet dataset readers skip such files in a folder of parts.
     state_file = parts / "_run.json"
@@ -189,7 +189,7 @@ def _prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
     return run_id
 
 
-def _commit_shard(path: Path, table: pa.Table) -> None:
+def commit_shard(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -238,18 +238,18 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
     metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
                 "model_card": loaded.card}
     schema = output_schema(source.extra_schema, metadata)
-    identity = _run_identity(config, fmt, loaded.ident, os.path.abspath(config.source))
+    identity = run_identity(config, fmt, loaded.ident, os.path.abspath(config.source))
     parts = parts_dir(out)
 
     with output_lock(out), sigterm_as_interrupt():
-        run_id = _prepare_parts(parts, identity, config.resume)
+        run_id = prepare_parts(parts, identity, config.resume)
         tagger = Tagger(loaded, device, settings, run_id)
         summary = Summary(output=str(out), run_id=run_id, review_threshold=threshold, review_rule=rule)
         started = time.perf_counter()
         shard_paths: list[Path] = []
         bar = tqdm(desc="tag", unit="img", disable=not progress, smoothing=0.1)
         try:
-            for index, records in enumerate(_chunks(source.records, config.shard_size)):
+            for index, records in enumerate(chunks(source.records, config.shard_size)):
                 path = parts / f"shard-{index:06d}.parquet"
                 shard_paths.append(path)
                 done = _committed(path, len(records))
@@ -258,7 +258,7 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
                     bar.update(len(records))
                     continue
                 table = _tag_shard(tagger, records, schema, previous, summary, bar)
-                _commit_shard(path, table)
+                commit_shard(path, table)
         except KeyboardInterrupt:
             bar.close()
             raise Interrupted(f"stopped; {len([p for p in shard_paths if p.exists()])} finished shard(s) kept in "
