@@ -74,17 +74,3 @@ def predict_logits_array(
     for batch in tqdm(iter_batches(images, batch_size), total=total, desc=desc, disable=not progress, leave=False):
         out.append(predict_logits(model, batch, device).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def predict_probs(
-    model: nn.Module,
-    images: np.ndarray,
-    device: torch.device,
-    batch_size: int = 1024,
-    progress: bool = False,
-    desc: str = "predict",
-    temperature: float = 1.0,
-) -> np.ndarray:
-    """Softmax probabilities (N, classes) for a uint8 image array, at ``temperature``."""
-    logits = predict_logits_array(model, images, device, batch_size, progress, desc)
-    return torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()

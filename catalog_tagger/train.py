@@ -35,8 +35,8 @@ from .errors import ModelError, UsageError
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
-from .calibration import calibrate
-from .runtime import autocast, predict_logits_array, predict_probs, resolve_device, to_unit
+from .calibration import calibrate, softmax
+from .runtime import autocast, predict_logits_array, resolve_device, to_unit
 from .tagging import default_workers
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def train_one_epoch(
 def evaluate_arrays(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int
 ) -> dict[str, float]:
-    probs = predict_probs(model, images, device, batch_size)
+    probs = softmax(predict_logits_array(model, images, device, batch_size))
     eps = 1e-12
     loss = float(-np.log(probs[np.arange(len(labels)), labels] + eps).mean())
     return {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean())}
@@ -257,7 +257,7 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     calibration = calibrate(predict_logits_array(model, val_images, device, config.eval_batch_size), val_labels)
     test_report = None
     if data.test is not None:
-        test_probs = predict_probs(model, data.test.images, device, config.eval_batch_size)
+        test_probs = softmax(predict_logits_array(model, data.test.images, device, config.eval_batch_size))
         test_report = classification_report(data.test.labels, test_probs.argmax(1), model_config.classes)
     final_val = history.rows[-1] if history.rows else {}
     card = {
