@@ -1,0 +1,32 @@
+"""The cron wrapper, run as cron would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO, SAMPLE
+
+
+def _nightly(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    tagger = Path(sys.executable).with_name("catalog-tagger")
+    return subprocess.run(["bash", str(REPO / "jobs" / "nightly-tag.sh")], capture_output=True, text=True,
+                          env={**os.environ, "CATALOG_DIR": str(SAMPLE), "OUTPUT_DIR": str(tmp_path),
+                               "TAGGER": str(tagger), "EXTRA_ARGS": "--workers 0", **env})
+
+
+def test_nightly_job_is_incremental_logs_and_passes_exit_codes_through(tmp_path):
+    first = _nightly(tmp_path, MAX_ERROR_RATE="0.1")
+    assert first.returncode == 0, first.stderr
+    second = _nightly(tmp_path, MAX_ERROR_RATE="0.1")
+    assert second.returncode == 0, second.stderr
+    summary = json.loads((tmp_path / "tags.summary.json").read_text())
+    assert summary["total"] == 43 and summary["carried_over"] == 43 and summary["processed"] == 0
+    logs = sorted((tmp_path / "logs").glob("tag-*.log"))
+    assert logs and "exit 0" in logs[-1].read_text()
+    # 3 of 43 sample files are broken on purpose: above a 1% limit the job must alert.
+    third = _nightly(tmp_path, MAX_ERROR_RATE="0.01")
+    assert third.returncode == 7
