@@ -27,8 +27,8 @@ from .checkpoint import atomic_write_json, load_model
 from .config import TagConfig
 from .errors import UsageError
 from .model import ModelConfig
-from .run import (Summary, chunks, commit_shard, output_lock, prepare_parts, review_threshold, run_identity,
-                  summary_path)
+from .run import (Summary, chunks, commit_shard, is_committed, output_lock, prepare_parts, review_threshold,
+                  run_identity, summary_path)
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema, rows_to_table
 from .sources import open_source
@@ -119,7 +119,7 @@ def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, setti
     for index, records in enumerate(chunks(source.records, config.shard_size)):
         path = out / f"part-{index:06d}.parquet"
         paths.append(path)
-        if path.exists() and pq.read_metadata(path).num_rows == len(records):
+        if is_committed(path, len(records)):
             summary.resumed_rows += len(records)
             continue
         expected[index] = len(records)

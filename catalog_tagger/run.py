@@ -202,15 +202,16 @@ def commit_shard(path: Path, table: pa.Table) -> None:
                           "free some space and re-run with --resume") from exc
 
 
-def _committed(path: Path, expected_rows: int) -> pa.Table | None:
+def is_committed(path: Path, expected_rows: int) -> bool:
+    """Whether a finished shard with ``expected_rows`` rows is on disk (reads only its footer)."""
     if not path.exists():
-        return None
+        return False
     try:
-        table = pq.read_table(path)
+        rows = pq.read_metadata(path).num_rows
     except (OSError, pa.ArrowException):
         log.warning("shard %s is unreadable; redoing it", path)
-        return None
-    return table if table.num_rows == expected_rows else None
+        return False
+    return rows == expected_rows
 
 
 def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
@@ -252,9 +253,8 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
             for index, records in enumerate(chunks(source.records, config.shard_size)):
                 path = parts / f"shard-{index:06d}.parquet"
                 shard_paths.append(path)
-                done = _committed(path, len(records))
-                if done is not None:
-                    summary.resumed_rows += done.num_rows
+                if is_committed(path, len(records)):
+                    summary.resumed_rows += len(records)
                     bar.update(len(records))
                     continue
                 table = _tag_shard(tagger, records, schema, previous, summary, bar)

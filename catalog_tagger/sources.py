@@ -88,13 +88,18 @@ def walk_folder(root: Path, extensions: tuple[str, ...]) -> Iterator[Record]:
             ordinal += 1
 
 
+def _missing(value: Any) -> bool:
+    """A manifest cell with no value: None, or NaN from a Parquet manifest."""
+    return value is None or (isinstance(value, float) and pd.isna(value))
+
+
 def _resolve(value: Any, base: str, confined: bool) -> tuple[str, tuple[str, str] | None]:
     """The path to open, and a problem when there is none to open.
 
     With ``confined`` (--root given), paths must stay inside ``base``: absolute paths and
     paths that climb out with '..' are refused, so a manifest cannot reach other files.
     """
-    text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+    text = "" if _missing(value) else str(value).strip()
     if not text:
         return "", ("missing", "empty path in manifest")
     if os.path.isabs(text):
@@ -121,8 +126,8 @@ def _record(ordinal: int, row: dict[str, Any], path_col: str, id_col: str | None
     raw_path = row[path_col]
     path, problem = _resolve(raw_path, base, confined)
     image_id = row.get(id_col) if id_col else None
-    if image_id is None or (isinstance(image_id, float) and pd.isna(image_id)) or str(image_id) == "":
-        image_id = "" if raw_path is None or (isinstance(raw_path, float) and pd.isna(raw_path)) else str(raw_path)
+    if _missing(image_id) or str(image_id) == "":
+        image_id = "" if _missing(raw_path) else str(raw_path)
     return Record(ordinal, str(image_id), path, {c: row[c] for c in extras}, problem)
 
 
