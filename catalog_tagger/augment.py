@@ -99,16 +99,20 @@ def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     if prob <= 0:
         return x
     n, _, size, _ = x.shape
-    trousers = torch.nonzero(labels == TROUSER).flatten()
-    upper = torch.isin(labels, torch.tensor(UPPER_BODY, device=labels.device))
-    pick = torch.nonzero(upper.cpu() & (torch.rand(n, generator=generator) < prob)).flatten()
+    # The composites are drawn on the CPU: one copy there and one back per batch, so a
+    # GPU run does not stall on a transfer per image.
+    labels_cpu = labels.cpu()
+    trousers = torch.nonzero(labels_cpu == TROUSER).flatten()
+    upper = torch.isin(labels_cpu, torch.tensor(UPPER_BODY))
+    pick = torch.nonzero(upper & (torch.rand(n, generator=generator) < prob)).flatten()
     if len(pick) == 0:
         return x
-    out = x.clone()
+    x_cpu = x.cpu()
+    worn = torch.empty(len(pick), size, size)
     r = torch.rand(len(pick), 8, generator=generator).tolist()
     for k, i in enumerate(pick.tolist()):
         u = r[k]
-        garment = x[i, 0].cpu()
+        garment = x_cpu[i, 0]
         gw = int(16 + 8 * u[0])  # garment width on a 28-wide body scale
         gh = int(gw * (0.9 + 0.3 * u[1]))
         head_h = int(gw * (0.35 + 0.15 * u[2]))
@@ -123,16 +127,18 @@ def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
             arm = torch.full((int(gh * 0.8), max(1, gw // 8)), skin)
             _paste(canvas, arm, head_h + gh // 6, left - arm.shape[1] + 1)
             _paste(canvas, arm, head_h + gh // 6, left + gw - 1)
-        if labels[i] == DRESS or len(trousers) == 0:
+        if labels_cpu[i] == DRESS or len(trousers) == 0:
             leg = torch.full((legs_h, max(1, gw // 7)), skin)
             _paste(canvas, leg, head_h + gh - 1, left + gw // 2 - gw // 5)
             _paste(canvas, leg, head_h + gh - 1, left + gw // 2 + gw // 10)
         else:
-            t = x[trousers[int(u[6] * len(trousers))], 0].cpu()
+            t = x_cpu[trousers[int(u[6] * len(trousers))], 0]
             _paste(canvas, _resize(t, legs_h + gh // 3, int(gw * 0.8)), head_h + gh * 2 // 3, left + gw // 10)
         # The garment is drawn last: it covers the top of the legs and its own neckline.
         g = _resize(garment, gh, gw)
         region = canvas[head_h : head_h + gh, left : left + gw]
         canvas[head_h : head_h + gh, left : left + gw] = torch.where(g > 0.05, g, region)
-        out[i, 0] = fit_to_canvas(canvas, size).to(x.device)
+        worn[k] = fit_to_canvas(canvas, size)
+    out = x.clone()
+    out[pick.to(x.device), 0] = worn.to(x.device, x.dtype)
     return out

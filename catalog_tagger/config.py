@@ -18,7 +18,7 @@ _PATH_FIELDS = {"out", "data_dir", "data", "manifest", "init"}
 class TrainConfig:
     out: Path = Path("runs/train")
     data_dir: Path | None = None
-    epochs: int = 16
+    epochs: int = 24
     batch_size: int = 256
     lr: float = 0.08
     momentum: float = 0.9
@@ -28,6 +28,8 @@ class TrainConfig:
     # catalog photos show them; see augment.worn_by_a_model.
     worn_prob: float = 0.3
     flip_tta: bool = True
+    # bf16 autocast where the hardware computes bf16 natively (GPU, AVX512-BF16/AMX CPU).
+    mixed_precision: bool = True
     warmup_epochs: float = 1.0
     val_size: int = 5000
     seed: int = 0

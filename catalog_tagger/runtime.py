@@ -24,10 +24,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 mixed precision on GPU; full precision on CPU, where it would only be slower."""
+# On CPU the network runs fastest on batches whose activations stay in the cache: at
+# 28x28, chunks of 128 images ran 1.5-1.9x faster than one pass over 512 (benchmarks/model_speed.py).
+CPU_CHUNK = 128
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (CUDA, or a CPU with AVX512-BF16 or AMX).
+
+    Elsewhere bf16 is emulated and slower than float32.
+    """
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def training_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 mixed precision for training where the hardware has it (1.5x faster on an
+    AVX512-BF16 CPU); weights and the loss stay float32.
+
+    Inference never uses it: labels must not depend on the device beyond float32 rounding.
+    """
+    if enabled and native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -47,10 +67,10 @@ def to_unit(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Logits (float32, on CPU) for one uint8 batch (N, C, H, W)."""
-    with autocast(device):
-        logits = model(to_unit(batch, device))
-    return logits.float().cpu()
+    """Logits (float32, on CPU) for one uint8 batch (N, C, H, W), in float32 on every device."""
+    chunk = CPU_CHUNK if device.type == "cpu" else len(batch)
+    parts = [model(to_unit(part, device)) for part in batch.split(max(1, chunk))]
+    return torch.cat(parts).float().cpu() if parts else torch.zeros(0)
 
 
 def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:

@@ -1,0 +1,54 @@
+"""Batched inference and the precision choices shared by training and tagging."""
+
+import torch
+
+from catalog_tagger.model import ModelConfig, build_model
+from catalog_tagger.runtime import CPU_CHUNK, native_bf16, predict_logits, prepare_model, training_autocast
+
+CPU = torch.device("cpu")
+
+
+def _model(flip_tta: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(widths=(8, 16), stem_width=8, flip_tta=flip_tta))
+    # Non-trivial batch-norm statistics, so that a wrong chunk boundary shows.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return prepare_model(model, CPU)
+
+
+def test_chunked_cpu_prediction_equals_one_pass_over_the_batch():
+    model = _model()
+    n = 2 * CPU_CHUNK + 37  # two full chunks and a ragged one
+    batch = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
+    with torch.inference_mode():
+        whole = model(batch.float().div(255).contiguous(memory_format=torch.channels_last))
+    chunked = predict_logits(model, batch, CPU)
+    assert chunked.shape == (n, 10) and chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    assert torch.equal(chunked.argmax(1), whole.argmax(1))
+
+
+def test_prediction_of_one_image_matches_its_row_in_a_batch():
+    model = _model()
+    batch = torch.randint(0, 256, (CPU_CHUNK + 5, 1, 28, 28), dtype=torch.uint8)
+    rows = predict_logits(model, batch, CPU)
+    for i in (0, CPU_CHUNK - 1, CPU_CHUNK + 4):
+        torch.testing.assert_close(predict_logits(model, batch[i : i + 1], CPU)[0], rows[i], atol=1e-4, rtol=1e-4)
+
+
+def test_empty_batch_gives_no_rows():
+    assert predict_logits(_model(), torch.zeros((0, 1, 28, 28), dtype=torch.uint8), CPU).shape[0] == 0
+
+
+def test_inference_is_float32_and_training_autocast_follows_the_hardware():
+    model = _model(flip_tta=False).train()
+    x = torch.rand(4, 1, 28, 28)
+    with training_autocast(CPU, enabled=False):
+        assert model(x).dtype == torch.float32
+    with training_autocast(CPU, enabled=True):
+        expected = torch.bfloat16 if native_bf16(CPU) else torch.float32
+        assert model(x).dtype == expected
+    assert predict_logits(model.eval(), torch.zeros((2, 1, 28, 28), dtype=torch.uint8), CPU).dtype == torch.float32
