@@ -72,7 +72,7 @@ class _Predictor:
         items = [dict(item, has_array=array is not None) for item, array in zip(batch["item"], batch["array"])]
         good = [a for a in batch["array"] if a is not None]
         stacked = torch.from_numpy(np.stack(good)) if good else None
-        rows = self.tagger.rows_for(list(batch["record"]), items, stacked)
+        rows = self.tagger.rows_for(list(batch["record"]), items, self.tagger.logits(stacked))
         table = rows_to_table(rows, self.schema)
         return table.append_column("shard", pa.array(batch["shard"].astype(np.int64))) \
                     .append_column("ordinal", pa.array(batch["ordinal"].astype(np.int64)))

@@ -69,8 +69,9 @@ def to_unit(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 def predict_logits(model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Logits (float32, on CPU) for one uint8 batch (N, C, H, W), in float32 on every device."""
     chunk = CPU_CHUNK if device.type == "cpu" else len(batch)
+    # split() yields at least one (possibly empty) part, so an empty batch gives (0, classes).
     parts = [model(to_unit(part, device)) for part in batch.split(max(1, chunk))]
-    return torch.cat(parts).float().cpu() if parts else torch.zeros(0)
+    return torch.cat(parts).float().cpu()
 
 
 def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:

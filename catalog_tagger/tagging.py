@@ -1,7 +1,8 @@
 """The tagging core: one shard of records -> one table of output rows.
 
 Decoding runs in DataLoader worker processes (one file at a time, every failure turned
-into a status); the model runs on whole batches in the main process. This function
+into a status); the model runs on whole batches, in the workers on CPU and in the main
+process on a GPU (see ``Collate``). This function
 knows nothing of resume, locks or output files, so a distributed engine can call it on
 its own shards.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import LoadedModel
@@ -87,14 +89,33 @@ def decode_record(record: Record, config: ModelConfig, settings: TagSettings) ->
     return item
 
 
-def collate(items: list[dict[str, Any]]) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
-    """Stack the decoded arrays of the good images; keep everyone's metadata."""
-    arrays = [item.pop("array") for item in items]
-    good = [a for a in arrays if a is not None]
-    for item, array in zip(items, arrays):
-        item["has_array"] = array is not None
-    batch = torch.from_numpy(np.stack(good)) if good else None
-    return batch, items
+# (stacked uint8 arrays or None, logits or None, per-item metadata); at most one of the
+# first two is set: the arrays when the model still has to run on them.
+CollatedBatch = tuple[torch.Tensor | None, torch.Tensor | None, list[dict[str, Any]]]
+
+
+class Collate:
+    """Turns a list of decoded items into one batch: the stacked arrays of the good images,
+    everyone's metadata and, when given a CPU ``model``, its logits for the stack.
+
+    DataLoader calls this in the worker that decoded the items. On CPU that puts the whole
+    chain decode -> preprocess -> model in each worker, one core each, instead of a model
+    process competing with the decoders for the same cores; a GPU model stays in the main
+    process (CUDA cannot be used from forked workers).
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model
+
+    def __call__(self, items: list[dict[str, Any]]) -> CollatedBatch:
+        arrays = [item.pop("array") for item in items]
+        good = [a for a in arrays if a is not None]
+        for item, array in zip(items, arrays):
+            item["has_array"] = array is not None
+        batch = torch.from_numpy(np.stack(good)) if good else None
+        if batch is not None and self.model is not None:
+            return None, predict_logits(self.model, batch, torch.device("cpu")), items
+        return batch, None, items
 
 
 class Tagger:
@@ -109,8 +130,11 @@ class Tagger:
         self.classes = loaded.classes
         self.top_k = max(1, min(settings.top_k, len(self.classes)))
 
-    def _ok_rows(self, batch: torch.Tensor) -> list[dict[str, Any]]:
-        logits = predict_logits(self.model, batch, self.device)
+    def logits(self, batch: torch.Tensor | None) -> torch.Tensor | None:
+        """The model's logits for a stacked uint8 batch (None for no batch)."""
+        return predict_logits(self.model, batch, self.device) if batch is not None else None
+
+    def _ok_rows(self, logits: torch.Tensor) -> list[dict[str, Any]]:
         probs = torch.softmax(logits / self.loaded.temperature, dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
         rows = []
@@ -129,25 +153,28 @@ class Tagger:
         if records:
             dataset = DecodeDataset(records, self.loaded.config, self.settings)
             workers = min(self.settings.workers, math.ceil(len(records) / self.settings.batch_size))
+            on_cpu = self.device.type == "cpu"
             loader = DataLoader(
-                dataset, batch_size=self.settings.batch_size, num_workers=workers, collate_fn=collate,
+                dataset, batch_size=self.settings.batch_size, num_workers=workers,
+                collate_fn=Collate(self.model if on_cpu else None),
                 pin_memory=self.device.type == "cuda",
                 # Workers get a fresh interpreter state cheaply by fork where available.
                 multiprocessing_context="fork" if workers and "fork" in _start_methods() else None,
             )
-            for batch, items in loader:
-                for item, row in zip(items, self.rows_for([records[i["index"]] for i in items], items, batch)):
+            for batch, logits, items in loader:
+                logits = logits if logits is not None else self.logits(batch)
+                for item, row in zip(items, self.rows_for([records[i["index"]] for i in items], items, logits)):
                     rows[item["index"]] = row
                 if on_batch is not None:
                     on_batch(len(items))
         return rows_to_table(rows, schema)  # type: ignore[arg-type]
 
     def rows_for(self, records: Sequence[Record], items: Sequence[dict[str, Any]],
-                 batch: torch.Tensor | None) -> list[dict[str, Any]]:
+                 logits: torch.Tensor | None) -> list[dict[str, Any]]:
         """Output rows for decoded ``items`` (one per record, with ``has_array`` set) and
-        ``batch``, the stacked arrays of the items that have one, in order."""
+        ``logits``, the model's output for the items that have an array, in order."""
         tagged_at = datetime.now(timezone.utc)
-        predictions = iter(self._ok_rows(batch)) if batch is not None else iter(())
+        predictions = iter(self._ok_rows(logits)) if logits is not None else iter(())
         rows = []
         for record, item in zip(records, items):
             row = self._base_row(record, item, tagged_at)

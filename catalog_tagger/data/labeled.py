@@ -98,16 +98,16 @@ def list_labeled(data: Path | None, manifest: Path | None, path_col: str = "path
 def decode_paths(paths: list[str], config: ModelConfig, workers: int, progress: bool,
                  max_pixels: int = 64_000_000) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
     """Decode with the tagging decoder in worker processes: (arrays, ok mask, problems)."""
-    from ..tagging import DecodeDataset, TagSettings, collate
+    from ..tagging import Collate, DecodeDataset, TagSettings
 
     records = [Record(i, p, p) for i, p in enumerate(paths)]
     dataset = DecodeDataset(records, config, TagSettings(max_pixels=max_pixels))
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=Collate())
     arrays = np.zeros((len(paths), config.channels, config.input_size, config.input_size), np.uint8)
     ok = np.zeros(len(paths), bool)
     problems = []
     bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, leave=False)
-    for batch, items in loader:
+    for batch, _, items in loader:
         good = iter(batch.numpy()) if batch is not None else iter(())
         for item in items:
             if item["has_array"]:
