@@ -43,12 +43,15 @@ class TagSettings:
 
 
 def default_workers() -> int:
-    """One decoding process per core the scheduler gives us, capped: beyond ~8 the model is the bottleneck."""
+    """One decoding process per core the scheduler gives us.
+
+    Not capped: on CPU each worker also runs the model on its own batches, and with a GPU
+    the decoders are what limits throughput, so every core is worth a worker.
+    """
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+        return max(1, os.cpu_count() or 1)
 
 
 def file_sha256(path: str) -> str | None:
