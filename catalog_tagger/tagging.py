@@ -1,10 +1,9 @@
 """The tagging core: one shard of records -> one table of output rows.
 
 Decoding runs in DataLoader worker processes (one file at a time, every failure turned
-into a status); the model runs on whole batches, in the workers on CPU and in the main
-process on a GPU (see ``Collate``). This function
-knows nothing of resume, locks or output files, so a distributed engine can call it on
-its own shards.
+into a status); the model runs on whole batches, in those workers on CPU and in the main
+process on a GPU (see ``Collate``). Nothing here knows of resume, locks or output files,
+so a distributed engine can call it on its own shards.
 """
 
 from __future__ import annotations
@@ -160,7 +159,7 @@ class Tagger:
             loader = DataLoader(
                 dataset, batch_size=self.settings.batch_size, num_workers=workers,
                 collate_fn=Collate(self.model if on_cpu else None),
-                pin_memory=self.device.type == "cuda",
+                pin_memory=not on_cpu,
                 # Workers get a fresh interpreter state cheaply by fork where available.
                 multiprocessing_context="fork" if workers and "fork" in _start_methods() else None,
             )
