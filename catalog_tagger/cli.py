@@ -132,8 +132,8 @@ def labeled_photo_options(func: F) -> F:
 @reports_errors
 def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
           seed: int, val_size: int, worn_prob: float, flip_tta: bool, mixed_precision: bool, data: Path | None,
-          manifest: Path | None, path_col: str, label_col: str, input_size: int, channels: str, val_fraction: float, init: Path | None,
-          workers: int | None, device: str, resume: bool) -> None:
+          manifest: Path | None, path_col: str, label_col: str, input_size: int, channels: str, val_fraction: float,
+          init: Path | None, workers: int | None, device: str, resume: bool) -> None:
     """Train a garment classifier on Fashion-MNIST, or on your own labeled photos."""
     from .train import fit
 

@@ -25,7 +25,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 # On CPU the network runs fastest on batches whose activations stay in the cache: at
-# 28x28, chunks of 128 images ran 1.5-1.9x faster than one pass over 512 (benchmarks/model_speed.py).
+# 28x28, chunks of 128 images ran 1.2-1.9x faster than one pass over 512 (benchmarks/model_speed.py).
 CPU_CHUNK = 128
 
 

@@ -2,9 +2,9 @@
 
 Recipe (each piece chosen for a fast, reproducible CPU run): batch-level flip and
 translate augmentation, Nesterov SGD with a linear warm-up then linear decay to zero,
-label smoothing, channels_last, bf16 autocast where the hardware has it. The 10k test set is touched once,
-after the last epoch, for the number reported in the card; epochs and hyper-parameters
-are judged on the validation split only.
+label smoothing, channels_last, bf16 autocast where the hardware has it. The 10k test
+set is touched once, after the last epoch, for the number reported in the card; epochs
+and hyper-parameters are judged on the validation split only.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
 from .calibration import calibrate, softmax
-from .runtime import native_bf16, predict_logits_array, training_autocast, resolve_device, to_unit
+from .runtime import native_bf16, predict_logits_array, resolve_device, to_unit, training_autocast
 from .tagging import default_workers
 
 log = logging.getLogger(__name__)
