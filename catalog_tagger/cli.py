@@ -228,10 +228,10 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @reports_errors
 def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Path | None, batch_size: int,
         workers: int | None, device: str, top_k: int, review_threshold: float, target_precision: float | None,
-        extensions: tuple[str, ...],
-        path_col: str, id_col: str | None, root: Path | None, max_error_rate: float | None, shard_size: int, resume: bool,
-        incremental: Path | None, use_hash: bool, max_pixels: int, engine: str, ray_address: str | None,
-        num_gpus_per_worker: float, concurrency: int, time_limit: float) -> None:
+        extensions: tuple[str, ...], path_col: str, id_col: str | None, root: Path | None,
+        max_error_rate: float | None, shard_size: int, resume: bool, incremental: Path | None, use_hash: bool,
+        max_pixels: int, engine: str, ray_address: str | None, num_gpus_per_worker: float, concurrency: int,
+        time_limit: float) -> None:
     """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
 
     Every input gets exactly one row, in input order; images that cannot be used get a

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from .checkpoint import atomic_write_json, load_model
 from .config import TagConfig
@@ -32,7 +31,7 @@ from .run import (Summary, chunks, commit_shard, is_committed, output_lock, prep
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema, rows_to_table
 from .sources import open_source
-from .tagging import Tagger, TagSettings, decode_record
+from .tagging import Collate, Tagger, TagSettings, decode_record
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +68,8 @@ class _Predictor:
         self.schema = schema
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        items = [dict(item, has_array=array is not None) for item, array in zip(batch["item"], batch["array"])]
-        good = [a for a in batch["array"] if a is not None]
-        stacked = torch.from_numpy(np.stack(good)) if good else None
+        decoded = [dict(item, array=array) for item, array in zip(batch["item"], batch["array"])]
+        stacked, _, items = Collate()(decoded)
         rows = self.tagger.rows_for(list(batch["record"]), items, self.tagger.logits(stacked))
         table = rows_to_table(rows, self.schema)
         return table.append_column("shard", pa.array(batch["shard"].astype(np.int64))) \

@@ -131,6 +131,11 @@ def _record(ordinal: int, row: dict[str, Any], path_col: str, id_col: str | None
     return Record(ordinal, str(image_id), path, {c: row[c] for c in extras}, problem)
 
 
+def _base_folder(manifest: Path, root: Path | None) -> str:
+    """Where relative manifest paths point: --root when given, else the manifest's folder."""
+    return os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(manifest))
+
+
 def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None) -> Source:
     """CSV rows read in chunks; every pass-through column stays text, exactly as written
     (a SKU like 00123 must not become the number 123)."""
@@ -139,7 +144,7 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: P
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
     extras = _manifest_columns(header, path_col, id_col, manifest)
-    base = os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(manifest))
+    base = _base_folder(manifest, root)
 
     def records() -> Iterator[Record]:
         ordinal = 0
@@ -166,7 +171,7 @@ def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None, roo
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
     schema = parquet.schema_arrow
     extras = _manifest_columns(schema.names, path_col, id_col, manifest)
-    base = os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(manifest))
+    base = _base_folder(manifest, root)
 
     def records() -> Iterator[Record]:
         ordinal = 0

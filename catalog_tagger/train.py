@@ -36,7 +36,8 @@ from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
 from .calibration import calibrate, softmax
-from .runtime import native_bf16, predict_logits_array, resolve_device, to_unit, training_autocast
+from .runtime import (native_bf16, predict_logits_array, prepare_model, resolve_device, to_unit,
+                      training_autocast)
 from .tagging import default_workers
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str 
     own = train_config.data is not None or train_config.manifest is not None
     data = load_training_data(train_config, loaded if own else None, progress)
     torch_device = resolve_device(device)
-    model = loaded.model.to(device=torch_device, memory_format=torch.channels_last).eval()
+    model = prepare_model(loaded.model, torch_device)
     logits = predict_logits_array(model, data.val.images, torch_device, train_config.eval_batch_size)
     card = {**loaded.card, "calibration": calibrate(logits, data.val.labels)}
     atomic_write_json(loaded.weights_path.with_suffix(".json"), card)
