@@ -1,10 +1,13 @@
 """Model-only inference speed on preprocessed 28x28 batches (what shares the cores with decoding).
 
-    python benchmarks/model_speed.py [--model PATH] [--batch 512] [--runs 5] [--device cpu|cuda]
+    python benchmarks/model_speed.py [--model PATH] [--batch 512] [--runs 5] [--device cpu|cuda] [--threads N]
 
 Prints images/s, median of --runs, for the model as configured by its card (with flip
-test-time augmentation when the card enables it), without it, and as shipped but in one
-pass over the whole batch (what predict_logits' cache-sized CPU chunks save).
+test-time augmentation when the card enables it), without it, as shipped but in one
+pass over the whole batch (what predict_logits' cache-sized CPU chunks save), and as
+shipped but with its batch norms left unfolded (what runtime.fold_batchnorm saves). The
+variants take turns run by run, so that machine noise hits them alike. ``--threads 1``
+is what each tagging worker gives the model on CPU.
 """
 
 from __future__ import annotations
@@ -26,19 +29,13 @@ def whole_batch(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -
         return model(to_unit(x, device)).cpu()
 
 
-def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, runs: int,
-                      predict=predict_logits) -> list[float]:
-    x = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8)
-    predict(model, x, device)  # warm-up
-    out = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(5):
-            predict(model, x, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(5 * batch / (time.perf_counter() - start))
-    return out
+def images_per_second(model: torch.nn.Module, device: torch.device, x: torch.Tensor, predict=predict_logits) -> float:
+    start = time.perf_counter()
+    for _ in range(5):
+        predict(model, x, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 5 * len(x) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -47,17 +44,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load_model(args.model)
     plain = build_model(dataclasses.replace(loaded.config, flip_tta=False))
     plain.load_state_dict(loaded.model.state_dict())
-    print(f"{loaded.ident} on {device} ({torch.get_num_threads()} threads), batch {args.batch}")
+    unfolded = loaded.model.to(device=device, memory_format=torch.channels_last).eval()
     shipped = "as shipped" + (" (flip TTA)" if loaded.config.flip_tta else "")
-    for name, model, predict in ((shipped, loaded.model, predict_logits), ("single pass", plain, predict_logits),
-                                 (shipped + ", unchunked", loaded.model, whole_batch)):
-        speeds = images_per_second(prepare_model(model, device), device, args.batch, args.runs, predict)
-        print(f"  {name:<34} {statistics.median(speeds):8.0f} images/s  (runs: {', '.join(f'{s:.0f}' for s in speeds)})")
+    variants = {
+        shipped: (prepare_model(loaded.model, device), predict_logits),
+        "single pass": (prepare_model(plain, device), predict_logits),
+        shipped + ", unchunked": (prepare_model(loaded.model, device), whole_batch),
+        shipped + ", batch norm unfolded": (unfolded, predict_logits),
+    }
+    x = torch.randint(0, 256, (args.batch, 1, 28, 28), dtype=torch.uint8)
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    for model, predict in variants.values():
+        predict(model, x, device)  # warm-up
+    for _ in range(args.runs):
+        for name, (model, predict) in variants.items():
+            speeds[name].append(images_per_second(model, device, x, predict))
+    print(f"{loaded.ident} on {device} ({torch.get_num_threads()} threads), batch {args.batch}")
+    for name, runs in speeds.items():
+        print(f"  {name:<40} {statistics.median(runs):8.0f} images/s  (runs: {', '.join(f'{s:.0f}' for s in runs)})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,13 +53,52 @@ def training_autocast(device: torch.device, enabled: bool = True) -> contextlib.
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to the device in channels_last layout (faster convolutions on CPU and GPU), for inference."""
+    """An inference copy of ``model``: batch norm folded into the convolutions, on the
+    device in channels_last layout (faster convolutions on CPU and GPU), in eval mode.
+
+    ``model`` itself is left as it was, so it can still be trained or saved.
+    """
     if device.type == "cuda":
         # TF32 convolutions round inputs to 10 mantissa bits; labels on a GPU should match
         # the CPU's to float32 rounding, and this network is nowhere near compute-bound there.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    return model.to(device=device, memory_format=torch.channels_last).eval()
+    return fold_batchnorm(model).to(device=device, memory_format=torch.channels_last)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode where each batch norm that follows a convolution
+    (directly, or through max pooling) is folded into that convolution's weights and bias.
+
+    In eval mode batch norm is a per-channel ``x * scale + shift``, which the convolution
+    can compute for free; this saves a pass over the activations per layer (4% of the
+    network's time on one core, 9% on two). Max pooling commutes with the affine map only
+    when every scale is positive, so a norm behind a pool is folded only then. The outputs
+    equal the unfolded model's to float32 rounding.
+    """
+    model = copy.deepcopy(model).eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i, bn in enumerate(seq):
+            if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+                continue
+            j = i - 1
+            while j >= 0 and isinstance(seq[j], nn.MaxPool2d):
+                j -= 1
+            conv = seq[j] if j >= 0 else None
+            if not isinstance(conv, nn.Conv2d) or conv.out_channels != bn.num_features:
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight
+                if j < i - 1 and not bool((scale > 0).all()):
+                    continue
+                shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+                bias = conv.bias * scale + shift if conv.bias is not None else shift
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias)
+            seq[i] = nn.Identity()
+    return model
 
 
 def to_unit(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

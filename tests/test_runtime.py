@@ -1,22 +1,31 @@
 """Batched inference and the precision choices shared by training and tagging."""
 
+import pytest
 import torch
 
+from catalog_tagger.checkpoint import load_model
 from catalog_tagger.model import ModelConfig, build_model
-from catalog_tagger.runtime import CPU_CHUNK, native_bf16, predict_logits, prepare_model, training_autocast
+from catalog_tagger.runtime import (CPU_CHUNK, fold_batchnorm, native_bf16, predict_logits, prepare_model,
+                                    training_autocast)
 
 CPU = torch.device("cpu")
 
 
-def _model(flip_tta: bool = True) -> torch.nn.Module:
+def _raw_model(flip_tta: bool = True, negative_scales: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(ModelConfig(widths=(8, 16), stem_width=8, flip_tta=flip_tta))
-    # Non-trivial batch-norm statistics, so that a wrong chunk boundary shows.
+    # Non-trivial batch-norm statistics, so that a wrong chunk boundary or fold shows.
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    return prepare_model(model, CPU)
+            module.weight.data.uniform_(-1.0 if negative_scales else 0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _model(flip_tta: bool = True) -> torch.nn.Module:
+    return prepare_model(_raw_model(flip_tta), CPU)
 
 
 def test_chunked_cpu_prediction_equals_one_pass_over_the_batch():
@@ -52,3 +61,32 @@ def test_inference_is_float32_and_training_autocast_follows_the_hardware():
         expected = torch.bfloat16 if native_bf16(CPU) else torch.float32
         assert model(x).dtype == expected
     assert predict_logits(model.eval(), torch.zeros((2, 1, 28, 28), dtype=torch.uint8), CPU).dtype == torch.float32
+
+
+def _norms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("negative_scales", [False, True])
+def test_folding_batchnorm_keeps_the_outputs_and_leaves_the_original_alone(negative_scales):
+    raw = _raw_model(negative_scales=negative_scales)
+    before = {k: v.clone() for k, v in raw.state_dict().items()}
+    folded = fold_batchnorm(raw)
+    x = torch.rand(64, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), raw(x), atol=1e-5, rtol=1e-5)
+    # Norms right after a conv always fold; the ones behind a max pool (one per block)
+    # only when all their scales are positive, which these random negative ones are not.
+    assert _norms(raw) == 5
+    assert _norms(folded) == (2 if negative_scales else 0)
+    assert all(torch.equal(v, before[k]) for k, v in raw.state_dict().items())
+
+
+def test_the_bundled_model_folds_completely_and_keeps_its_outputs():
+    model = load_model(None).model.eval()
+    prepared = prepare_model(model, CPU)
+    assert _norms(prepared) == 0 and _norms(model) > 0
+    batch = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = model(batch.float().div(255))
+    torch.testing.assert_close(predict_logits(prepared, batch, CPU), expected, atol=1e-4, rtol=1e-4)
