@@ -116,8 +116,6 @@ def labeled_photo_options(func: F) -> F:
               help="Average each prediction with the mirror image's (one more forward pass).")
 @click.option("--mixed-precision/--no-mixed-precision", default=default(TrainConfig, "mixed_precision"),
               show_default=True, help="Train in bf16 where the GPU or CPU computes it natively (1.5x faster).")
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=default(TrainConfig, "ema_decay"),
-              show_default=True, help="Ship a moving average of the weights with this per-step decay (0 = off).")
 @labeled_photo_options
 @click.option("--input-size", type=click.IntRange(8), default=default(TrainConfig, "input_size"), show_default=True,
               help="Model input size in pixels (own photos only).")
@@ -133,16 +131,16 @@ def labeled_photo_options(func: F) -> F:
 @click.pass_context
 @reports_errors
 def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
-          seed: int, val_size: int, worn_prob: float, flip_tta: bool, mixed_precision: bool, ema_decay: float,
-          data: Path | None, manifest: Path | None, path_col: str, label_col: str, input_size: int, channels: str,
-          val_fraction: float, init: Path | None, workers: int | None, device: str, resume: bool) -> None:
+          seed: int, val_size: int, worn_prob: float, flip_tta: bool, mixed_precision: bool, data: Path | None,
+          manifest: Path | None, path_col: str, label_col: str, input_size: int, channels: str, val_fraction: float,
+          init: Path | None, workers: int | None, device: str, resume: bool) -> None:
     """Train a garment classifier on Fashion-MNIST, or on your own labeled photos."""
     from .train import fit
 
     config = TrainConfig(out=out, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          val_size=val_size, worn_prob=worn_prob, flip_tta=flip_tta,
-                         mixed_precision=mixed_precision, ema_decay=ema_decay, data=data, manifest=manifest,
-                         path_col=path_col, label_col=label_col, input_size=input_size, channels=int(channels),
+                         mixed_precision=mixed_precision, data=data, manifest=manifest, path_col=path_col,
+                         label_col=label_col, input_size=input_size, channels=int(channels),
                          val_fraction=val_fraction, init=init, workers=workers, device=device, resume=resume)
     card = fit(config, command=_command_line(ctx), progress=_progress(ctx))
     if not card:  # a non-zero rank of a torchrun job: rank 0 reports

@@ -31,9 +31,6 @@ class TrainConfig:
     # bf16 autocast where the hardware computes bf16 natively (GPU, AVX512-BF16/AMX CPU).
     mixed_precision: bool = True
     warmup_epochs: float = 1.0
-    # Exponential moving average of the weights (and batch-norm statistics), updated every
-    # step; the averaged weights are the ones validated and shipped. 0 turns it off.
-    ema_decay: float = 0.0
     val_size: int = 5000
     seed: int = 0
     device: str = "auto"

@@ -2,8 +2,7 @@
 
 Recipe (each piece chosen for a fast, reproducible CPU run): batch-level flip and
 translate augmentation, Nesterov SGD with a linear warm-up then linear decay to zero,
-label smoothing, an exponential moving average of the weights, channels_last, bf16
-autocast where the hardware has it. The 10k test
+label smoothing, channels_last, bf16 autocast where the hardware has it. The 10k test
 set is touched once, after the last epoch, for the number reported in the card; epochs
 and hyper-parameters are judged on the validation split only.
 """
@@ -23,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -79,11 +77,8 @@ def train_one_epoch(
     dist_info: DistInfo = DistInfo(),
     aug_generator: torch.Generator | None = None,
     mixed_precision: bool = False,
-    ema: AveragedModel | None = None,
 ) -> tuple[float, float]:
     """One pass over shuffled uint8 ``images`` (N, C, H, W); returns (mean loss, accuracy).
-
-    ``ema``, when given, takes the weights after every optimizer step.
 
     Under DDP every rank draws the same permutation from ``generator`` and takes every
     world_size-th index of it (what DistributedSampler does), with its own
@@ -110,8 +105,6 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
         n = len(idx)
         total_loss += loss.item() * n
         total_correct += (logits.argmax(1) == y).sum().item()
@@ -214,9 +207,6 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, total_steps, warmup))
-    ema = weight_average(model, config.ema_decay)
-    # What is validated each epoch, calibrated, tested and saved: the averaged weights if any.
-    shipped: nn.Module = ema.module if ema is not None else model
     history = History()
     start_epoch = 0
     elapsed_before = 0.0
@@ -228,8 +218,6 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history.rows = list(state["history"])
@@ -247,12 +235,12 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
         loss, acc = train_one_epoch(
             net, optimizer, scheduler, images_t, labels_t, config.batch_size, generator, device,
             config.label_smoothing, worn_prob, progress, desc=f"epoch {epoch + 1}/{config.epochs}",
-            dist_info=info, aug_generator=aug_generator, mixed_precision=config.mixed_precision, ema=ema,
+            dist_info=info, aug_generator=aug_generator, mixed_precision=config.mixed_precision,
         )
         if not info.is_main:
             barrier(info)  # rank 0 validates and writes the checkpoint meanwhile
             continue
-        val = evaluate_arrays(shipped.eval(), val_images, val_labels, device, config.eval_batch_size)
+        val = evaluate_arrays(model.eval(), val_images, val_labels, device, config.eval_batch_size)
         history.add(epoch=epoch + 1, train_loss=loss, train_accuracy=acc, val_loss=val["loss"],
                     val_accuracy=val["accuracy"], lr=optimizer.param_groups[0]["lr"],
                     seconds=time.perf_counter() - t0)
@@ -263,14 +251,13 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(), "history": history.rows, "train_config": _resumable(config),
             "elapsed": elapsed_before + time.perf_counter() - started,
-            **({"ema": ema.state_dict()} if ema is not None else {}),
         })
         barrier(info)
 
     if not info.is_main:
         return {}
     train_seconds = elapsed_before + time.perf_counter() - started
-    model = shipped.eval()
+    model.eval()
     calibration = calibrate(predict_logits_array(model, val_images, device, config.eval_batch_size), val_labels)
     test_report = None
     if data.test is not None:
@@ -310,33 +297,6 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     card = save_model(model.cpu(), card, out / WEIGHTS_FILE)
     plot_training_curves(history.rows, out / "training_curves.png")
     return card
-
-
-def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of ``model``'s weights and batch-norm statistics, or
-    None when ``decay`` is 0.
-
-    Averaging the last few hundred steps lands nearer the centre of the minimum SGD is
-    circling than the last step does; batch-norm statistics are averaged too, so that
-    they match the averaged weights.
-    """
-    if decay <= 0:
-        return None
-
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        # The decay ramps up over the first steps (as timm's ModelEmaV3 does): a fixed 0.998
-        # would keep most of the random initial weights for the first epochs, and the
-        # per-epoch validation of the average would say nothing.
-        n = int(n_averaged)
-        weight = 1.0 - min(decay, (1 + n) / (10 + n))
-        for a, c in zip(averaged, current):
-            if a.is_floating_point():
-                a.lerp_(c, weight)
-            else:  # batch norm's step counter
-                a.copy_(c)
-
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str = "auto",
