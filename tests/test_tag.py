@@ -310,7 +310,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(catalog, tmp_path):
 def test_sigterm_and_ctrl_c_stop_cleanly_and_say_how_to_resume(catalog, tmp_path, sig):
     out = tmp_path / "t.parquet"
     args = ("--out", out, "--shard-size", "4", "--batch-size", "2", "--workers", "0")
-    proc = subprocess.Popen(_cli(catalog, *args), stderr=subprocess.PIPE, text=True)
+    # As a shell starts a foreground job: a test run started in the background (`&`)
+    # would pass SIGINT on ignored, and Python keeps an ignored SIGINT ignored.
+    proc = subprocess.Popen(_cli(catalog, *args), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_shards(tmp_path / "t.parquet.parts", 1, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
