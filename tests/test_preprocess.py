@@ -133,3 +133,22 @@ def test_noisy_backdrop_does_not_stretch_the_crop():
     photo.save(buffer, "JPEG", quality=85)
     out = to_model_array(Image.open(buffer), CONFIG)[0]
     assert _similar(out, _item())
+
+
+@pytest.mark.parametrize("background", [(200, 180, 230), (40, 60, 20), (255, 255, 255)])
+def test_each_channel_maps_its_background_to_0_and_the_far_end_to_255(background):
+    # A product band spanning the full height and no wider than that: nothing is resized
+    # or sharpened, so the output pixels are exactly the mapped input pixels.
+    rng = np.random.default_rng(sum(background))
+    bg = np.array(background, np.float64)
+    light = bg.mean() >= 128
+    photo = np.empty((28, 28, 3), np.uint8)
+    photo[:] = background
+    far = rng.integers(0, 100, (28, 20, 3)) if light else rng.integers(160, 256, (28, 20, 3))
+    photo[:, 4:24] = far
+    out = to_model_array(Image.fromarray(photo, "RGB"), ModelConfig(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3))
+    got = out.transpose(1, 2, 0)[:, 4:24].astype(int)
+    scale = 255 / np.maximum(bg, 1) if light else 255 / np.maximum(255 - bg, 1)
+    want = np.clip(np.floor((bg - far if light else far - bg) * scale + 0.5), 0, 255)
+    assert np.abs(got - want).max() <= 1  # float32 vs float64 rounding at most
+    assert (out.transpose(1, 2, 0)[:, :4] == 0).all()  # the background itself
