@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog_tagger.schema import OUTPUT_COLUMNS
+from catalog_tagger.tagging import even_batch_size, worker_loads
 from catalog_tagger.synth import render_catalog_photo
 from catalog_tagger.writers import WRITERS
 
@@ -213,6 +214,21 @@ def test_labels_do_not_depend_on_batch_size_or_workers(run_cli, catalog, tmp_pat
     ra, rb = _rows(a), _rows(b)
     assert ra["label"].tolist() == rb["label"].tolist()
     np.testing.assert_allclose(ra["confidence"], rb["confidence"], atol=1e-5)
+
+
+@pytest.mark.parametrize("n, workers, expected", [(1000, 2, 250), (300, 2, 150), (4096, 2, 256), (5, 1, 256),
+                                                  (257, 2, 129), (1000, 8, 125)])
+def test_batches_are_even_and_dealt_evenly_to_the_workers(n, workers, expected):
+    assert even_batch_size(n, 256, workers) == expected
+
+
+def test_even_batches_never_exceed_the_batch_size_nor_slow_the_slowest_worker():
+    for workers in (2, 3, 4, 8):
+        for n in range(1, 5000, 7):
+            size = even_batch_size(n, 256, workers)
+            loads = worker_loads(n, size, workers)
+            assert size <= 256 and sum(loads) == n
+            assert max(loads) <= max(worker_loads(n, 256, workers))  # the slowest worker finishes no later
 
 
 def test_incremental_run_only_tags_new_and_changed_images(run_cli, catalog, tmp_path):
