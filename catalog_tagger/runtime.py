@@ -71,8 +71,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     (directly, or through max pooling) is folded into that convolution's weights and bias.
 
     In eval mode batch norm is a per-channel ``x * scale + shift``, which the convolution
-    can compute for free; this saves a pass over the activations per layer (4% of the
-    network's time on one core, 9% on two). Max pooling commutes with the affine map only
+    can compute for free; this saves a pass over the activations per layer (3-5% of the
+    network's time, benchmarks/model_speed.py). Max pooling commutes with the affine map only
     when every scale is positive, so a norm behind a pool is folded only then. The outputs
     equal the unfolded model's to float32 rounding.
     """
