@@ -37,8 +37,6 @@ TRIM_TOLERANCE = 0.05 * 255
 LIGHT_BACKGROUND = 128
 SHARPEN_BELOW_SCALE = 0.75
 SHARPEN_PERCENT = 50
-# Every 8-bit value, as a column to broadcast against per-channel colours.
-_LEVELS = np.arange(256, dtype=np.float32).reshape(256, 1)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
@@ -90,18 +88,13 @@ def _foreground_bbox(img: Image.Image, size: int) -> tuple[tuple[int, int, int, 
     k = max(1, max(img.size) // (4 * size))
     probe = img.reduce(k) if k > 1 else img
     arr = np.asarray(probe)
+    a = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.float32)
     border = _border(arr)
     background = np.median(border, axis=0)
     spread = 1.4826 * float(np.median(np.abs(border - background), axis=0).max())
     tolerance = max(TRIM_TOLERANCE, 4.0 * spread)
-    # "Differs from the background by more than the tolerance in some channel", looked up
-    # per 8-bit value instead of computed per pixel in float.
-    far = np.abs(_LEVELS - background) > tolerance
-    channels = arr.reshape(arr.shape[0], arr.shape[1], -1)
-    mask = far[channels[..., 0], 0]
-    for c in range(1, channels.shape[2]):
-        mask |= far[channels[..., c], c]
-    box = Image.fromarray(mask.view(np.uint8) * np.uint8(255), "L").getbbox()
+    diff = np.abs(a - background.reshape(1, 1, -1)).max(axis=2)
+    box = Image.fromarray(((diff > tolerance) * 255).astype(np.uint8), "L").getbbox()
     if box is None or k == 1:
         return box, background
     left, top, right, bottom = box
@@ -121,16 +114,14 @@ def to_model_array(img: Image.Image, config: ModelConfig) -> np.ndarray:
         arr = arr[bbox[1] : bbox[3], bbox[0] : bbox[2]]
 
     # Map the background to 0 and the far end of the range to 255, per channel: plain
-    # negation for white backdrops, and a gentle stretch for grey or off-white ones. The
-    # map is computed once per 8-bit value (a 256-entry table per channel) and looked up.
-    bg = background.astype(np.float32)
+    # negation for white backdrops, and a gentle stretch for grey or off-white ones.
+    bg = background.astype(np.float32).reshape(1, 1, -1)
+    a = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.float32)
     if float(background.mean()) >= LIGHT_BACKGROUND:
-        table = (bg - _LEVELS) * (255.0 / np.maximum(bg, 1.0))
+        out = (bg - a) * (255.0 / np.maximum(bg, 1.0))
     else:
-        table = (_LEVELS - bg) * (255.0 / np.maximum(255.0 - bg, 1.0))
-    table = np.clip(table + 0.5, 0, 255).astype(np.uint8)
-    channels = arr.reshape(arr.shape[0], arr.shape[1], -1)
-    out = np.stack([table[channels[..., c], c] for c in range(channels.shape[2])], axis=2)
+        out = (a - bg) * (255.0 / np.maximum(255.0 - bg, 1.0))
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     h, w = out.shape[:2]
     size = config.input_size
