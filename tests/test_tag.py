@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog_tagger.schema import OUTPUT_COLUMNS
-from catalog_tagger.tagging import even_batch_size, worker_loads
 from catalog_tagger.synth import render_catalog_photo
+from catalog_tagger.tagging import even_batch_size, worker_loads
 from catalog_tagger.writers import WRITERS
 
 from .conftest import SAMPLE
@@ -326,10 +326,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(catalog, tmp_path):
 def test_sigterm_and_ctrl_c_stop_cleanly_and_say_how_to_resume(catalog, tmp_path, sig):
     out = tmp_path / "t.parquet"
     args = ("--out", out, "--shard-size", "4", "--batch-size", "2", "--workers", "0")
-    # As a shell starts a foreground job: a test run started in the background (`&`)
-    # would pass SIGINT on ignored, and Python keeps an ignored SIGINT ignored.
-    proc = subprocess.Popen(_cli(catalog, *args), stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Start the child with SIGINT at its default, as a shell starts a foreground job: a
+    # test run launched in the background (`&`) has SIGINT ignored, exec passes that on,
+    # and Python keeps an ignored SIGINT ignored. (A handled signal resets on exec.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(_cli(catalog, *args), stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     _wait_for_shards(tmp_path / "t.parquet.parts", 1, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
