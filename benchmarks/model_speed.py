@@ -21,7 +21,7 @@ import torch
 
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.model import build_model
-from catalog_tagger.runtime import predict_logits, prepare_model, resolve_device, to_unit
+from catalog_tagger.runtime import describe_device, predict_logits, prepare_model, resolve_device, to_unit
 
 
 def whole_batch(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -67,7 +67,7 @@ def main() -> None:
     for _ in range(args.runs):
         for name, (model, predict) in variants.items():
             speeds[name].append(images_per_second(model, device, x, predict))
-    print(f"{loaded.ident} on {device} ({torch.get_num_threads()} threads), batch {args.batch}")
+    print(f"{loaded.ident} on {describe_device(device)}, batch {args.batch}")
     for name, runs in speeds.items():
         print(f"  {name:<40} {statistics.median(runs):8.0f} images/s  (runs: {', '.join(f'{s:.0f}' for s in runs)})")
 

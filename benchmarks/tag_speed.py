@@ -29,6 +29,7 @@ from torchvision import transforms
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.config import TagConfig
 from catalog_tagger.run import run_tagging
+from catalog_tagger.runtime import describe_device
 from catalog_tagger.tagging import default_workers
 
 
@@ -96,7 +97,8 @@ def main() -> None:
             results["naive reference"].append(naive_reference(paths, model))
         results["catalog-tagger tag"].append(catalog_tagger(args.folder, args.model))
     median = {k: statistics.median(v) for k, v in results.items() if v}
-    print(f"{len(paths)} images in {args.folder}, {os.cpu_count()} cores, {args.runs} runs (median images/s)")
+    print(f"{len(paths)} images in {args.folder}, {os.cpu_count()} cores, {describe_device(torch.device('cpu'))}, "
+          f"{args.runs} runs (median images/s)")
     for name, value in median.items():
         print(f"  {name:<20} {value:8.1f} images/s   runs: {', '.join(f'{v:.0f}' for v in results[name])}")
     tag = median["catalog-tagger tag"]

@@ -13,6 +13,13 @@ from typing import Any
 DEVICES = ("auto", "cpu", "cuda")
 _PATH_FIELDS = {"out", "data_dir", "data", "manifest", "init"}
 
+# The default network, shared by TrainConfig and model.ModelConfig. A slim first block
+# (16 + 24 channels at full resolution, where most multiply-adds happen) trains as
+# accurately as 24 + 32 and runs ~15% faster, which matters on CPU where the network
+# shares the cores with JPEG decoding (README, Speed).
+DEFAULT_WIDTHS: tuple[int, ...] = (24, 64, 128)
+DEFAULT_STEM_WIDTH = 16
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -48,8 +55,8 @@ class TrainConfig:
     workers: int | None = None
     # Bounded so that progress bars and curves stay meaningful on tiny test datasets.
     eval_batch_size: int = 1024
-    widths: tuple[int, ...] = (32, 64, 128)
-    stem_width: int = 24
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    stem_width: int = DEFAULT_STEM_WIDTH
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)

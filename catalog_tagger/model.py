@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import DEFAULT_STEM_WIDTH, DEFAULT_WIDTHS
+
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
     "Trouser",
@@ -38,8 +40,8 @@ class ModelConfig:
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
     input_size: int = 28
     channels: int = 1
-    widths: tuple[int, ...] = (32, 64, 128)
-    stem_width: int = 24
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    stem_width: int = DEFAULT_STEM_WIDTH
     # Per-channel mean/std of the training images in [0, 1]; applied inside forward().
     mean: tuple[float, ...] = (0.286,)
     std: tuple[float, ...] = (0.353,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import platform
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,6 +40,20 @@ def native_bf16(device: torch.device) -> bool:
         return True
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def describe_device(device: torch.device) -> str:
+    """The hardware in a few words, for model cards and benchmark headers.
+
+    On CPU it names the vector instruction set torch uses (AVX2, AVX512, ...): it decides
+    both whether bf16 training pays and how fast the convolutions run, so figures from
+    two CPUs are comparable only with it.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    arch = platform.processor() or platform.machine()
+    bf16 = ", native bf16" if native_bf16(device) else ""
+    return f"cpu ({arch}, {torch.backends.cpu.get_cpu_capability()}{bf16}, {torch.get_num_threads()} threads)"
 
 
 def training_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,8 +35,8 @@ from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
 from .calibration import calibrate, softmax
-from .runtime import (native_bf16, predict_logits_array, prepare_model, resolve_device, to_unit,
-                      training_autocast)
+from .runtime import (describe_device, native_bf16, predict_logits_array, prepare_model, resolve_device,
+                      to_unit, training_autocast)
 from .tagging import default_workers
 
 log = logging.getLogger(__name__)
@@ -277,7 +276,7 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
             "init": init.ident if init is not None else None,
             "distributed": {"world_size": info.world_size, "backend": info.backend},
             "seconds": round(train_seconds, 1),
-            "device": _device_name(device),
+            "device": describe_device(device),
             "precision": "bf16 mixed" if config.mixed_precision and native_bf16(device) else "float32",
             "torch_threads": torch.get_num_threads(),
             "history": history.rows,
@@ -324,8 +323,3 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
         d.pop(key)
     return d
 
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
