@@ -15,8 +15,8 @@ _PATH_FIELDS = {"out", "data_dir", "data", "manifest", "init"}
 
 # The default network, shared by TrainConfig and model.ModelConfig. A slim first block
 # (16 + 24 channels at full resolution, where most multiply-adds happen) trains as
-# accurately as 24 + 32 and runs ~15% faster, which matters on CPU where the network
-# shares the cores with JPEG decoding (README, Speed).
+# accurately as 24 + 32 and runs 15-35% faster, depending on the CPU, which matters
+# where the network shares the cores with JPEG decoding (README, Speed).
 DEFAULT_WIDTHS: tuple[int, ...] = (24, 64, 128)
 DEFAULT_STEM_WIDTH = 16
 
