@@ -33,11 +33,17 @@ from catalog_tagger.runtime import describe_device
 from catalog_tagger.tagging import default_workers
 
 
+def draft_decode(path: str, size: int = 112) -> Image.Image:
+    """What the decode limit counts: libjpeg at the reduced scale `tag` asks for (4x 28 px)."""
+    img = Image.open(path)
+    img.draft("L", (size, size))
+    img.load()  # also closes the file of a single-frame image opened by name
+    return img
+
+
 def _draft_decode(paths: list[str]) -> int:
     for path in paths:
-        with Image.open(path) as img:
-            img.draft("L", (112, 112))
-            img.load()
+        draft_decode(path).close()
     return len(paths)
 
 

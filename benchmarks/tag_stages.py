@@ -20,21 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.config import TagConfig
 from catalog_tagger.decode import decode_file
-from catalog_tagger.model import ModelConfig
 from catalog_tagger.preprocess import to_model_array
 from catalog_tagger.runtime import describe_device, predict_logits, prepare_model
 
-
-def _draft(path: str, config: ModelConfig) -> Image.Image:
-    img = Image.open(path)
-    img.draft("L", (4 * config.input_size, 4 * config.input_size))
-    img.load()
-    return img
+from tag_speed import draft_decode  # the sibling script: the decode limit counts the same decode
 
 
 def ms_per_image(fn: Callable[[str], object], paths: list[str], runs: int) -> tuple[float, list[float]]:
@@ -61,8 +54,8 @@ def main() -> None:
     if not paths:
         raise SystemExit(f"no .jpg files under {args.folder}")
     stages: dict[str, Callable[[str], object]] = {
-        "draft decode": lambda p: _draft(p, config),
-        "draft decode + conversion": lambda p: to_model_array(_draft(p, config), config),
+        "draft decode": lambda p: draft_decode(p, 4 * config.input_size).close(),
+        "draft decode + conversion": lambda p: to_model_array(draft_decode(p, 4 * config.input_size), config),
         "decode_file (as tag)": lambda p: decode_file(p, config, limits.max_pixels, limits.time_limit),
     }
     print(f"{len(paths)} images in {args.folder}, {describe_device(torch.device('cpu'))}, "
