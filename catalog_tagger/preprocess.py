@@ -46,10 +46,15 @@ def to_8bit(img: Image.Image) -> Image.Image:
     images. 16-bit values are scaled, not clipped (Pillow's own I;16 -> L clips).
     """
     mode = img.mode
+    if "transparency" in img.info and mode in ("P", "L", "RGB", "1"):
+        # A colour key (PNG tRNS) marks one colour as see-through; optimisers such as
+        # optipng store a white backdrop that way, as transparent black.
+        img = img.convert("RGBA")
+        mode = img.mode
     if mode in ("L", "RGB"):
         return img
     if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        img = img.convert("RGB")
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")

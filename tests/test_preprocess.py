@@ -51,6 +51,17 @@ def test_transparent_background_is_composited_onto_white(tmp_path):
     assert _similar(out, _item())
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "P"])
+def test_a_colour_key_backdrop_is_composited_onto_white(tmp_path, mode):
+    # PNG optimisers store a white backdrop as one see-through colour (tRNS), here black.
+    photo = np.asarray(render_catalog_photo(_item(), 10).convert("L")).copy()
+    photo[photo >= 250] = 0
+    keyed = Image.fromarray(photo, "L").convert(mode)
+    keyed.save(tmp_path / "keyed.png", transparency=(0, 0, 0) if mode == "RGB" else 0)
+    out = decode_file(str(tmp_path / "keyed.png"), CONFIG, BIG).array[0]
+    assert _similar(out, _item())
+
+
 @pytest.mark.parametrize("mode", ["LA", "P", "CMYK", "1", "RGB", "I;16", "I", "F"])
 def test_every_pillow_mode_becomes_8_bit(mode):
     base = render_catalog_photo(_item(), 4)
