@@ -2,7 +2,10 @@
 
 An image is unchanged when its path, size and modification time match the previous row
 (and, with --hash, its content sha256), and the previous row came from the same model.
-Only the others are decoded and classified.
+Only the others are decoded and classified. Only rows with a label are carried: a failure
+may have been passing (a time limit hit on a busy night, a permission fixed since, a
+raised --max-pixels), so every failed image is tried again. A carried row is brought up
+to today's options: needs_review follows today's threshold, top-k today's k.
 """
 
 from __future__ import annotations
@@ -16,32 +19,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UsageError
-from .schema import OUTPUT_COLUMNS, pass_through_name, rows_to_table
+from .schema import OUTPUT_COLUMNS, pass_through_name, rows_to_table, utf8_text
 from .sources import Record
 from .tagging import file_sha256
 
 log = logging.getLogger(__name__)
 
-_KEY_COLUMNS = ("path", "file_size", "mtime", "sha256", "model", "status")
+_KEY_COLUMNS = ("path", "file_size", "mtime", "sha256", "model", "status", "confidence", "topk_labels",
+                "topk_scores")
 
 
 class PreviousOutput:
-    def __init__(self, table: pa.Table, model_ident: str, use_hash: bool) -> None:
+    def __init__(self, table: pa.Table, model_ident: str, use_hash: bool, review_threshold: float,
+                 top_k: int) -> None:
         self.table = table
         self.use_hash = use_hash
-        paths = table["path"].to_pylist()
-        sizes = table["file_size"].to_pylist()
+        self.review_threshold = review_threshold
+        self.top_k = top_k
+        columns = ("path", "file_size", "sha256", "model", "status")
+        paths, sizes, hashes, models, statuses = (table[c].to_pylist() for c in columns)
         mtimes = table["mtime"].cast(pa.int64()).to_pylist()
-        hashes = table["sha256"].to_pylist()
-        models = table["model"].to_pylist()
+        top_lengths = [len(v) if v else 0 for v in table["topk_labels"].to_pylist()]
         # Rows from another model are never carried: a new model means new labels.
         self.index = {
-            p: (i, s, m, h) for i, (p, s, m, h, mod) in enumerate(zip(paths, sizes, mtimes, hashes, models))
-            if mod == model_ident and s is not None
+            p: (i, s, m, h)
+            for i, (p, s, m, h, mod, status, k) in enumerate(
+                zip(paths, sizes, mtimes, hashes, models, statuses, top_lengths))
+            if mod == model_ident and status == "ok" and s is not None and k >= top_k
         }
 
     @classmethod
-    def load(cls, path: Path, model_ident: str, use_hash: bool) -> "PreviousOutput":
+    def load(cls, path: Path, model_ident: str, use_hash: bool, review_threshold: float,
+             top_k: int) -> "PreviousOutput":
         if Path(path).suffix.lower() not in (".parquet", ".pq"):
             raise UsageError(f"--incremental needs a previous Parquet output, got {path}")
         try:
@@ -54,10 +63,12 @@ class PreviousOutput:
         if missing:
             raise UsageError(f"--incremental: {path} is not a catalog-tagger output (missing {', '.join(missing)})")
         keep = [c for c in table.column_names if c in OUTPUT_COLUMNS]
-        return cls(table.select(keep), model_ident, use_hash)
+        return cls(table.select(keep), model_ident, use_hash, review_threshold, top_k)
 
     def _unchanged(self, record: Record) -> int | None:
-        hit = self.index.get(record.path)
+        if record.problem is not None:  # e.g. a path today's --root refuses
+            return None
+        hit = self.index.get(utf8_text(record.path))  # the output holds file names as utf8_text wrote them
         if hit is None:
             return None
         row, size, mtime_us, sha = hit
@@ -94,6 +105,9 @@ class PreviousOutput:
             if pos in old_by_pos:
                 row = dict(old_by_pos[pos])
                 row["image_id"] = record.image_id
+                row["needs_review"] = row["confidence"] < self.review_threshold
+                row["topk_labels"] = row["topk_labels"][: self.top_k]
+                row["topk_scores"] = row["topk_scores"][: self.top_k]
                 row.update({pass_through_name(k): v for k, v in record.extra.items()})
             else:
                 row = new_by_pos[pos]

@@ -27,7 +27,7 @@ from .config import TagConfig
 from .errors import UsageError
 from .model import ModelConfig
 from .run import (Summary, chunks, commit_shard, is_committed, output_lock, prepare_parts, review_threshold,
-                  run_identity, summary_path)
+                  run_identity, shard_fingerprint, summary_path)
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema, rows_to_table
 from .sources import open_source
@@ -113,14 +113,16 @@ def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, setti
     started = time.perf_counter()
     pending: list[dict[str, Any]] = []
     expected: dict[int, int] = {}
+    fingerprints: dict[int, str] = {}
     paths: list[Path] = []
     for index, records in enumerate(chunks(source.records, config.shard_size)):
         path = out / f"part-{index:06d}.parquet"
         paths.append(path)
-        if is_committed(path, len(records)):
+        if is_committed(path, records):
             summary.resumed_rows += len(records)
             continue
         expected[index] = len(records)
+        fingerprints[index] = shard_fingerprint(records)
         pending.extend({"shard": index, "ordinal": r.ordinal, "record": r} for r in records)
 
     if pending:
@@ -143,7 +145,7 @@ def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, setti
                 counts[int(shard)] += part.num_rows
                 if counts[int(shard)] == expected[int(shard)]:
                     whole = pa.concat_tables(buffers.pop(int(shard))).sort_by("ordinal").cast(out_schema)
-                    commit_shard(out / f"part-{int(shard):06d}.parquet", whole)
+                    commit_shard(out / f"part-{int(shard):06d}.parquet", whole, fingerprints[int(shard)])
         summary.processed = len(pending)
 
     summary.seconds = time.perf_counter() - started

@@ -5,12 +5,15 @@
     all shards, in order --> writer --> temporary file --> renamed to OUT (atomic)
 
 A shard file appears by rename only once complete, so after a crash or ``kill -9`` the
-parts folder holds exactly the finished shards and ``--resume`` redoes none of them.
+parts folder holds exactly the finished shards and ``--resume`` redoes none of them. Each
+shard remembers the records it was made from (see ``shard_fingerprint``): when the folder
+or manifest changed before the resume, the shards that no longer match are tagged again.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
 import json
 import logging
@@ -21,7 +24,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,8 +192,35 @@ def prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
     return run_id
 
 
-def commit_shard(path: Path, table: pa.Table) -> None:
+# Key of the shard fingerprint in a shard file's Parquet metadata.
+_FINGERPRINT_KEY = b"catalog_tagger_records"
+
+
+def shard_fingerprint(records: Sequence[Record]) -> str:
+    """A digest of what a shard was made from: each record's position, id, path and manifest
+    columns, and its file's size and modification time.
+
+    Between an interrupted run and its resume, files may be added, removed or replaced;
+    the records then shift between shards. A committed shard is reused only when its
+    fingerprint still matches, so a changed source can neither drop a row nor repeat one.
+    """
+    digest = hashlib.sha256()
+    for record in records:
+        stat = None
+        if record.problem is None:
+            try:
+                st = os.stat(record.path)
+                stat = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                pass
+        key = (record.ordinal, record.image_id, record.path, record.problem, list(record.extra.items()), stat)
+        digest.update(repr(key).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def commit_shard(path: Path, table: pa.Table, fingerprint: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _FINGERPRINT_KEY: fingerprint})
     try:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb") as fh:
@@ -202,16 +232,20 @@ def commit_shard(path: Path, table: pa.Table) -> None:
                           "free some space and re-run with --resume") from exc
 
 
-def is_committed(path: Path, expected_rows: int) -> bool:
-    """Whether a finished shard with ``expected_rows`` rows is on disk (reads only its footer)."""
+def is_committed(path: Path, records: Sequence[Record]) -> bool:
+    """Whether a finished shard made from exactly ``records`` is on disk (reads only its footer)."""
     if not path.exists():
         return False
     try:
-        rows = pq.read_metadata(path).num_rows
+        metadata = pq.read_metadata(path)
     except (OSError, pa.ArrowException):
         log.warning("shard %s is unreadable; redoing it", path)
         return False
-    return rows == expected_rows
+    stored = (metadata.metadata or {}).get(_FINGERPRINT_KEY, b"").decode()
+    if metadata.num_rows != len(records) or stored != shard_fingerprint(records):
+        log.info("the images of %s changed since it was written; tagging them again", path.name)
+        return False
+    return True
 
 
 def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
@@ -231,7 +265,8 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
     loaded = load_model(config.model)
     device = resolve_device(config.device)
     threshold, rule = review_threshold(config, loaded)
-    previous = PreviousOutput.load(config.incremental, loaded.ident, config.hash) if config.incremental else None
+    previous = (PreviousOutput.load(config.incremental, loaded.ident, config.hash, threshold, config.top_k)
+                if config.incremental else None)
     settings = TagSettings(batch_size=config.batch_size,
                            workers=default_workers() if config.workers is None else config.workers,
                            top_k=config.top_k, review_threshold=threshold,
@@ -253,12 +288,12 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
             for index, records in enumerate(chunks(source.records, config.shard_size)):
                 path = parts / f"shard-{index:06d}.parquet"
                 shard_paths.append(path)
-                if is_committed(path, len(records)):
+                if is_committed(path, records):
                     summary.resumed_rows += len(records)
                     bar.update(len(records))
                     continue
                 table = _tag_shard(tagger, records, schema, previous, summary, bar)
-                commit_shard(path, table)
+                commit_shard(path, table, shard_fingerprint(records))
         except KeyboardInterrupt:
             bar.close()
             raise Interrupted(f"stopped; {len([p for p in shard_paths if p.exists()])} finished shard(s) kept in "

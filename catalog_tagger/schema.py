@@ -50,7 +50,33 @@ def output_schema(extra: pa.Schema, metadata: dict[str, Any] | None = None) -> p
     return schema
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8, for columns that hold file names.
+
+    Linux file names are bytes: one copied from a Windows share may be Latin-1 (b'caf\\xe9'),
+    which Python carries as a lone surrogate that Arrow, like any UTF-8 file, refuses. The
+    undecodable bytes are written as ``\\xe9`` instead, so the row survives and a person can
+    still recognise the name.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that did not come from a file name
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _column(values: list[Any], type_: pa.DataType) -> pa.Array:
+    try:
+        return pa.array(values, type=type_)
+    except UnicodeEncodeError:
+        # Rare (see utf8_text), so only retried when it happens.
+        return pa.array([utf8_text(v) if isinstance(v, str) else v for v in values], type=type_)
+
+
 def rows_to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows (dicts keyed by output column) -> a table of exactly ``schema``."""
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
-    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+    return pa.table({f.name: _column(columns[f.name], f.type) for f in schema}, schema=schema)

@@ -52,40 +52,70 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _sorted_entries(folder: str) -> list[os.DirEntry]:
+def _list_folder(folder: str) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
+
+
+def _folder_identity(path: str) -> tuple[int, int] | None:
     try:
-        with os.scandir(folder) as it:
-            return sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
-    except OSError as exc:
-        log.warning("skipping folder %s: %s", folder, exc.strerror or exc)
-        return []
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks: catalogs are often assembled from linked folders
+    except OSError:
+        return False
 
 
 def walk_folder(root: Path, extensions: tuple[str, ...]) -> Iterator[Record]:
     """Files under ``root`` with a wanted extension, hidden ones skipped, in sorted-name
     depth-first order (a sub-folder's files come where its name sorts).
 
-    Only the folders on the current path are listed in memory, never the whole tree.
+    Linked folders are followed, except a link back into the folders being walked. A
+    sub-folder that cannot be listed becomes one "unreadable" row rather than a silent
+    gap; a root that cannot be listed is a ``SourceError``, not an empty output. Only the
+    folders on the current path are listed in memory, never the whole tree.
     """
-    wanted = {e.lower().lstrip(".") for e in extensions}
     root_abs = os.path.abspath(root)
+    try:
+        top = _list_folder(root_abs)
+    except OSError as exc:
+        raise SourceError(f"cannot read folder {root}: {exc.strerror or exc}") from exc
+    return _walk(root_abs, top, {e.lower().lstrip(".") for e in extensions})
+
+
+def _walk(root: str, top: list[os.DirEntry], wanted: set[str]) -> Iterator[Record]:
     ordinal = 0
-    stack = [iter(_sorted_entries(root_abs))]
+    # Each level: its remaining entries and the folder's (device, inode), to spot link loops.
+    stack = [(iter(top), _folder_identity(root))]
     while stack:
-        entry = next(stack[-1], None)
+        entry = next(stack[-1][0], None)
         if entry is None:
             stack.pop()
             continue
-        try:
-            is_dir = entry.is_dir(follow_symlinks=False)
-        except OSError:
-            is_dir = False
-        if is_dir:
-            stack.append(iter(_sorted_entries(entry.path)))
+        if _is_folder(entry):
+            identity = _folder_identity(entry.path)
+            if identity is not None and identity in {level[1] for level in stack}:
+                log.warning("skipping %s: it links back to a folder that contains it", entry.path)
+                continue
+            try:
+                stack.append((iter(_list_folder(entry.path)), identity))
+            except OSError as exc:
+                yield Record(ordinal, _relative(entry.path, root), entry.path,
+                             problem=("unreadable", f"cannot list folder: {exc.strerror or exc}"))
+                ordinal += 1
         elif "." in entry.name and entry.name.rsplit(".", 1)[-1].lower() in wanted:
-            rel = os.path.relpath(entry.path, root_abs).replace(os.sep, "/")
-            yield Record(ordinal, rel, entry.path)
+            yield Record(ordinal, _relative(entry.path, root), entry.path)
             ordinal += 1
+
+
+def _relative(path: str, root: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
 
 
 def _missing(value: Any) -> bool:

@@ -7,8 +7,10 @@ under the real name is the caller's job.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,10 +37,11 @@ class ParquetTableWriter:
 
 
 def flatten_for_csv(table: pa.Table, top_k: int) -> pa.Table:
-    """List columns -> label_2, score_2, ...; timestamps -> 'YYYY-MM-DD HH:MM:SS' (UTC).
+    """List columns -> label_2, score_2, ...; timestamps -> 'YYYY-MM-DD HH:MM:SS' (UTC);
+    a manifest's nested columns (lists, structs, maps) -> JSON text, binary -> hex.
 
     Top-1 already sits in label/confidence, so the flattened columns start at 2. Plain
-    timestamps without offset are what spreadsheets recognise as dates.
+    timestamps without offset or fraction are what spreadsheets recognise as dates.
     """
     columns: dict[str, pa.Array] = {}
     for name in table.column_names:
@@ -50,10 +53,25 @@ def flatten_for_csv(table: pa.Table, top_k: int) -> pa.Table:
         elif name == "topk_scores":
             continue
         elif pa.types.is_timestamp(col.type):
-            columns[name] = pc.strftime(col, format="%Y-%m-%d %H:%M:%S", locale="C")
+            # Whole seconds: Arrow would print microseconds after %S, which Excel does not read as a date.
+            seconds = col.cast(pa.timestamp("s", tz=col.type.tz), safe=False)
+            columns[name] = pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S", locale="C")
+        elif pa.types.is_nested(col.type):
+            columns[name] = _as_text(col, lambda v: json.dumps(v, ensure_ascii=False, default=str))
+        elif _is_binary(col.type):
+            columns[name] = _as_text(col, bytes.hex)
         else:
             columns[name] = col
     return pa.table(columns)
+
+
+def _is_binary(type_: pa.DataType) -> bool:
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_fixed_size_binary(type_)
+
+
+def _as_text(col: pa.ChunkedArray, to_text: Callable[[Any], str]) -> pa.ChunkedArray:
+    """A column CSV cannot hold, as one string per cell (empty cells stay empty)."""
+    return pa.chunked_array([pa.array([None if v is None else to_text(v) for v in col.to_pylist()], pa.string())])
 
 
 def _nth(col: pa.ChunkedArray, index: int) -> pa.ChunkedArray:
