@@ -10,9 +10,12 @@ precision and coverage of the rows they would auto-accept, so that
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # log-spaced grid, then refined: robust, deterministic and cheap for one parameter.
 _GRID = np.exp(np.linspace(np.log(0.05), np.log(20.0), 161))
@@ -32,10 +35,17 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float((log_norm - z[np.arange(len(labels)), labels]).mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising validation NLL."""
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    """The temperature minimising validation NLL; None when the data cannot tell.
+
+    With no validation mistake the NLL falls without end as T -> 0 (and with nothing
+    right, as T grows): the minimum then sits on the grid's edge and would make every
+    prediction look certain (or none). Such a fit is refused rather than stored.
+    """
     losses = [nll(logits, labels, t) for t in _GRID]
     i = int(np.argmin(losses))
+    if i in (0, len(_GRID) - 1):
+        return None
     lo, hi = _GRID[max(0, i - 1)], _GRID[min(len(_GRID) - 1, i + 1)]
     fine = np.linspace(lo, hi, 41)
     return float(fine[int(np.argmin([nll(logits, labels, t) for t in fine]))])
@@ -85,14 +95,18 @@ def threshold_for_precision(table: list[list[float]], target: float) -> tuple[fl
 
 def calibrate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Everything the card stores about calibration, from validation logits and labels."""
-    temperature = fit_temperature(logits, labels)
+    fitted = fit_temperature(logits, labels)
+    temperature = 1.0 if fitted is None else fitted
     raw = softmax(logits)
     cal = softmax(logits, temperature)
     correct = raw.argmax(1) == labels
+    if fitted is None:
+        log.warning("confidence left uncalibrated: the %d validation images (%d mistakes) cannot pin a "
+                    "temperature down; more labeled images would", len(labels), int((~correct).sum()))
     return {
-        "method": "temperature scaling",
+        "method": "temperature scaling" if fitted is not None else "none (validation could not pin a temperature down)",
         "temperature": round(temperature, 4),
-        "fitted_on": f"validation split ({len(labels)} images)",
+        "fitted_on": f"validation split ({len(labels)} images, {int((~correct).sum())} mistakes)",
         "val_ece_before": expected_calibration_error(raw.max(1), correct),
         "val_ece_after": expected_calibration_error(cal.max(1), correct),
         "review_table": review_table(cal.max(1), correct),

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ModelError
+from .errors import ModelError, OutputError
 from .model import GarmentNet, ModelConfig, build_model
 
 CARD_FORMAT = 1
@@ -84,6 +84,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def output_folder(path: Path) -> Path:
+    """Create ``path`` as the folder for a command's files, or say in one sentence why not:
+    better before an hour of training than at its first checkpoint."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"--out {path} is a file (or inside one), not a folder; choose a folder") from None
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"the output folder {path} is not writable")
+    return path
 
 
 def save_model(model: GarmentNet, card: dict[str, Any], weights_path: Path) -> dict[str, Any]:

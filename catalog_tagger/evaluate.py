@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import load_model
+from .checkpoint import load_model, output_folder
 from .config import EvalConfig
 from .data.fashion_mnist import load_split
 from .data.labeled import LabeledArrays, load_labeled
@@ -26,13 +26,15 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
     sample predictions.
     """
     own = config.data is not None or config.manifest is not None
+    if config.out is not None:
+        output_folder(Path(config.out))
     loaded = load_model(config.model, expected_classes=None if own else FASHION_MNIST_CLASSES)
     device = resolve_device(config.device)
     model = prepare_model(loaded.model, device)
     if own:
         test = load_labeled(config.data, config.manifest, loaded.config, config.path_col, config.label_col,
                             classes=loaded.classes, workers=default_workers() if config.workers is None else config.workers,
-                            progress=progress)
+                            progress=progress, min_classes=1)
         dataset = {"name": str(config.data or config.manifest), "skipped_images": len(test.skipped)}
     else:
         fmnist = load_split("test", config.data_dir)

@@ -28,7 +28,7 @@ from .augment import train_augment
 from .checkpoint import load_training_state, save_model, save_training_state
 from .distributed import DistInfo, barrier, device_for, setup, sum_across, teardown
 from .config import TrainConfig
-from .checkpoint import LoadedModel, atomic_write_json, load_model
+from .checkpoint import LoadedModel, atomic_write_json, load_model, output_folder
 from .data.labeled import LabeledArrays, TrainingData, fashion_mnist_data, load_labeled, own_data
 from .errors import ModelError, UsageError
 from .metrics import classification_report
@@ -178,8 +178,18 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     state_path = out / STATE_FILE
     if state_path.exists() and not config.resume:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if info.is_main:
+        output_folder(out)
 
     init = load_model(config.init) if config.init is not None else None
+    if init is not None:
+        # The network is the --init model's: record its shape, not options that could not apply.
+        used = init.config
+        if (config.input_size, config.channels, config.flip_tta) != (used.input_size, used.channels, used.flip_tta):
+            log.warning("--init model has input %dx%d, %d channel(s), flip TTA %s; those are used",
+                        used.input_size, used.input_size, used.channels, "on" if used.flip_tta else "off")
+        config = dataclasses.replace(config, input_size=used.input_size, channels=used.channels,
+                                     flip_tta=used.flip_tta, widths=tuple(used.widths), stem_width=used.stem_width)
     data = load_training_data(config, init, progress)
     train_images, train_labels = data.train.images, data.train.labels
     val_images, val_labels = data.val.images, data.val.labels

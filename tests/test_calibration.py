@@ -25,6 +25,15 @@ def test_fitted_temperature_recovers_the_true_one(true_t):
     assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.08)
 
 
+def test_no_temperature_is_fitted_when_validation_has_no_mistake():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40, 5))
+    labels = logits.argmax(1)  # every validation prediction right: NLL falls without end as T -> 0
+    assert fit_temperature(logits, labels) is None
+    card = calibrate(logits, labels)
+    assert card["temperature"] == 1.0 and card["method"].startswith("none")
+
+
 def test_calibration_lowers_the_error_of_overconfident_scores():
     logits, labels = _synthetic(20000, 2.5)
     result = calibrate(logits, labels)

@@ -102,3 +102,70 @@ def test_stratified_split_keeps_every_class_on_both_sides():
     train, val = stratified_split(labels, 0.2, seed=1)
     assert set(labels[val]) == {0, 1, 2} and set(labels[train]) == {0, 1, 2}
     assert not set(train) & set(val) and len(train) + len(val) == len(labels)
+
+
+def _small_folder(root, counts: dict[str, int]):
+    rng = np.random.default_rng(1)
+    for folder, n in counts.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            _photo(folder.split("/")[-1], rng).save(root / folder / f"{i:02d}.png")
+    return root
+
+
+def test_two_spellings_of_one_label_are_refused_and_rows_without_a_label_are_reported(own_folder, tmp_path):
+    rows = [{"file": str(p), "kind": p.parent.name} for p in sorted(own_folder.rglob("*.jpg"))]
+    rows[0]["kind"] = rows[0]["kind"].upper()  # "BELTS" beside "belts"
+    pd.DataFrame(rows).to_csv(tmp_path / "clash.csv", index=False)
+    with pytest.raises(DataError, match="name the same class"):
+        fit(_config(tmp_path, manifest=tmp_path / "clash.csv", path_col="file", label_col="kind"), progress=False)
+    rows[0]["kind"], rows[1]["kind"] = "", "nan"  # a blank cell, and what pandas writes for a missing one
+    pd.DataFrame(rows).to_csv(tmp_path / "gaps.csv", index=False)
+    card = fit(_config(tmp_path, manifest=tmp_path / "gaps.csv", path_col="file", label_col="kind", epochs=1),
+               progress=False)
+    assert card["classes"] == ["belts", "hats", "scarves"]
+    assert [s["status"] for s in card["training"]["skipped_examples"]].count("unlabeled") == 2
+
+
+def test_a_class_whose_images_all_fail_to_decode_is_refused(tmp_path):
+    root = _small_folder(tmp_path / "d", {"hats": 6, "belts": 6})
+    for path in (root / "belts").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="no image of class 'belts'"):
+        fit(_config(tmp_path, data=root), progress=False)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"hats": 4, "belts": 0}, "holds no images"),
+    ({"train/hats": 4, "train/belts": 4, "val/hats": 2, "val/belts": 2}, "dataset splits"),
+    ({"hats": 1, "belts": 1}, "too few images for a validation split"),
+])
+def test_a_folder_layout_that_would_train_a_wrong_model_is_refused(tmp_path, run_cli, layout, message):
+    root = _small_folder(tmp_path / "d", layout)
+    result = run_cli("-q", "train", "--data", root, "--out", tmp_path / "run", "--epochs", "1", "--workers", "0")
+    assert result.exit_code == 3 and message in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_on_photos_of_a_single_class(own_folder, tmp_path, run_cli):
+    fit(_config(tmp_path, data=own_folder, epochs=1), progress=False)
+    root = _small_folder(tmp_path / "one", {"hats": 5})
+    result = run_cli("-q", "evaluate", "--model", tmp_path / "own-model", "--data", root, "--json", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 5
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_out_that_is_a_file_is_an_output_error_before_any_work(own_folder, tmp_path, run_cli, command):
+    (tmp_path / "taken").write_text("")
+    args = ["--data", own_folder] if command == "train" else []
+    result = run_cli("-q", command, *args, "--out", tmp_path / "taken", "--workers", "0")
+    assert result.exit_code == 6 and "is a file" in result.output and "Traceback" not in result.output
+
+
+def test_fine_tuning_records_the_init_models_shape_not_ignored_options(own_folder, tmp_path):
+    fit(_config(tmp_path, data=own_folder, out=tmp_path / "a", epochs=1), progress=False)
+    tuned = fit(_config(tmp_path, data=own_folder, out=tmp_path / "b", init=tmp_path / "a", epochs=1,
+                        input_size=64, channels=3, flip_tta=False), progress=False)
+    used, recorded = tuned["model_config"], tuned["training"]["config"]
+    assert (recorded["input_size"], recorded["channels"], recorded["flip_tta"]) == \
+        (used["input_size"], used["channels"], used["flip_tta"]) == (28, 1, True)

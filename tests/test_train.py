@@ -113,3 +113,8 @@ def test_card_records_the_training_precision(tmp_path, tiny_data_dir):
     assert min(mixed["metrics"]["val_accuracy"], full["metrics"]["val_accuracy"]) > 0.3
     if native_bf16(torch.device("cpu")):  # bf16 really ran: the weights differ
         assert mixed["weights_sha256"] != full["weights_sha256"]
+
+
+def test_a_validation_split_as_large_as_the_training_set_is_a_usage_error(tmp_path, tiny_data_dir, run_cli):
+    result = run_cli("-q", "train", "--data-dir", tiny_data_dir, "--out", tmp_path / "m", "--val-size", "1200")
+    assert result.exit_code == 2 and "--val-size must be between 1 and 1199" in result.output

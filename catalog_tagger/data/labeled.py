@@ -54,22 +54,35 @@ def class_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", name.lower())
 
 
+# Folder names that mean a dataset split, not a class: --data given the parent of train/ and val/.
+_SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
+# Label cells that mean "no label" (pandas and spreadsheets write missing values so).
+_NO_LABEL = {"", "nan", "none", "null"}
+
+
 def _from_folder(folder: Path) -> tuple[list[str], list[str]]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"{folder} needs one sub-folder per class (at least two); found {len(classes)}")
+    if len(classes) >= 2 and {c.lower() for c in classes} <= _SPLIT_NAMES:
+        raise DataError(f"{folder} holds dataset splits ({', '.join(classes)}), not class folders; "
+                        "point --data at one split, whose sub-folders are the classes")
     paths, names = [], []
     for name in classes:
+        found = 0
         for root, dirs, files in os.walk(folder / name):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for f in sorted(files):
                 if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
                     paths.append(os.path.join(root, f))
                     names.append(name)
+                    found += 1
+        if not found:
+            raise DataError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                            "add some or remove the folder")
     return paths, names
 
 
 def _from_manifest(manifest: Path, path_col: str, label_col: str) -> tuple[list[str], list[str]]:
+    """All rows; a row without a label has the label ''."""
     try:
         frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -78,9 +91,9 @@ def _from_manifest(manifest: Path, path_col: str, label_col: str) -> tuple[list[
         if col not in frame.columns:
             raise DataError(f"manifest {manifest} has no column {col!r} (columns: {', '.join(frame.columns)})")
     base = os.path.dirname(os.path.abspath(manifest))
-    frame = frame[frame[label_col].str.strip() != ""]
     paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in frame[path_col]]
-    return paths, [s.strip() for s in frame[label_col]]
+    labels = [s.strip() for s in frame[label_col]]
+    return paths, ["" if s.lower() in _NO_LABEL else s for s in labels]
 
 
 def list_labeled(data: Path | None, manifest: Path | None, path_col: str = "path",
@@ -126,25 +139,55 @@ def decode_paths(paths: list[str], config: ModelConfig, workers: int, progress: 
 
 def load_labeled(data: Path | None, manifest: Path | None, config: ModelConfig, path_col: str = "path",
                  label_col: str = "label", classes: tuple[str, ...] | None = None, workers: int = 0,
-                 progress: bool = False) -> LabeledArrays:
+                 progress: bool = False, min_classes: int = 2) -> LabeledArrays:
     """Decode a labeled image set. With ``classes``, labels are matched to those names
-    (loosely: case and punctuation ignored); otherwise the sorted label names are the classes."""
-    paths, names = list_labeled(data, manifest, path_col, label_col)
+    (loosely: case and punctuation ignored); otherwise the sorted label names are the classes.
+
+    Training needs decodable images of ``min_classes`` classes; evaluating a known model on
+    photos of one class is fine (``min_classes=1``).
+    """
+    all_paths, all_names = list_labeled(data, manifest, path_col, label_col)
+    unlabeled = [{"path": p, "status": "unlabeled", "error": "no label"} for p, n in zip(all_paths, all_names) if not n]
+    if unlabeled:
+        log.warning("skipping %d rows without a label (first: %s)", len(unlabeled), unlabeled[0]["path"])
+    paths = [p for p, n in zip(all_paths, all_names) if n]
+    names = [n for n in all_names if n]
     if not paths:
-        raise DataError("the labeled data holds no images")
+        raise DataError("the labeled data holds no labeled images")
+    derived = classes is None
     if classes is None:
-        classes = tuple(sorted(set(names)))
-        if len(classes) < 2:
-            raise DataError(f"need at least two classes, found {list(classes)}")
+        classes = _classes_from_labels(names)
     keys = {class_key(c): i for i, c in enumerate(classes)}
     unknown = sorted({n for n in names if class_key(n) not in keys})
     if unknown:
         raise DataError(f"labels not among the model's classes {list(classes)}: {unknown[:10]}")
     labels = np.array([keys[class_key(n)] for n in names], np.int64)
     arrays, ok, problems = decode_paths(paths, config, workers, progress)
-    if not ok.any():
-        raise DataError("none of the labeled images could be decoded")
-    return LabeledArrays(arrays, labels[ok], tuple(classes), problems)
+    labels = labels[ok]
+    present = set(np.unique(labels).tolist())
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if derived and empty:
+        # A class without a single training image would be a class the model never predicts.
+        raise DataError(f"no image of class {empty[0]!r} could be decoded "
+                        f"({len(problems)} images skipped in all; see the warnings above)")
+    if len(present) < min_classes:
+        raise DataError(f"need decodable images of at least {min_classes} classes, found {len(present)}")
+    return LabeledArrays(arrays, labels, tuple(classes), unlabeled + problems)
+
+
+def _classes_from_labels(names: list[str]) -> tuple[str, ...]:
+    """The sorted label names; two spellings of one class (Dress, dress) are refused, since
+    labels are matched to classes loosely (see class_key)."""
+    spellings: dict[str, set[str]] = {}
+    for name in names:
+        spellings.setdefault(class_key(name), set()).add(name)
+    clashes = [sorted(v) for v in spellings.values() if len(v) > 1]
+    if clashes:
+        raise DataError(f"labels {' and '.join(map(repr, clashes[0]))} name the same class; spell them one way")
+    classes = tuple(sorted(next(iter(v)) for v in spellings.values()))
+    if len(classes) < 2:
+        raise DataError(f"need at least two classes, found {list(classes)}")
+    return classes
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +206,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 def fashion_mnist_data(data_dir: Path | None, val_size: int, seed: int) -> TrainingData:
     train_all = load_split("train", data_dir)
     test = load_split("test", data_dir)
+    if not 0 < val_size < len(train_all):
+        raise UsageError(f"--val-size must be between 1 and {len(train_all) - 1} "
+                         f"(the training set has {len(train_all)} images), got {val_size}")
     train_idx, val_idx = train_val_indices(len(train_all), val_size, seed)
     images = train_all.images[:, None]
 
@@ -178,6 +224,9 @@ def fashion_mnist_data(data_dir: Path | None, val_size: int, seed: int) -> Train
 
 def own_data(all_data: LabeledArrays, val_fraction: float, seed: int, source: str) -> TrainingData:
     train_idx, val_idx = stratified_split(all_data.labels, val_fraction, seed)
+    if len(val_idx) == 0:
+        raise DataError(f"too few images for a validation split ({len(all_data.labels)}); "
+                        "give at least two images of a class")
 
     def part(idx: np.ndarray) -> LabeledArrays:
         return LabeledArrays(all_data.images[idx], all_data.labels[idx], all_data.classes)
