@@ -35,7 +35,7 @@ def test_bundled_model_reaches_its_card_accuracy_and_the_target(evaluated):
     metrics, _ = evaluated
     card = load_model().card
     assert metrics["n"] == 10000
-    assert metrics["accuracy"] >= 0.944  # the card says 0.9449
+    assert metrics["accuracy"] >= 0.945  # the card says 0.9493; the issue asks for 0.945
     assert abs(metrics["accuracy"] - card["metrics"]["test_accuracy"]) <= 0.001
     assert set(metrics["per_class"]) == set(card["classes"])
     assert all(0.0 < row["f1"] <= 1.0 for row in metrics["per_class"].values())
