@@ -100,13 +100,14 @@ def calibrate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     raw = softmax(logits)
     cal = softmax(logits, temperature)
     correct = raw.argmax(1) == labels
+    mistakes = int((~correct).sum())
     if fitted is None:
         log.warning("confidence left uncalibrated: the %d validation images (%d mistakes) cannot pin a "
-                    "temperature down; more labeled images would", len(labels), int((~correct).sum()))
+                    "temperature down; more labeled images would", len(labels), mistakes)
     return {
         "method": "temperature scaling" if fitted is not None else "none (validation could not pin a temperature down)",
         "temperature": round(temperature, 4),
-        "fitted_on": f"validation split ({len(labels)} images, {int((~correct).sum())} mistakes)",
+        "fitted_on": f"validation split ({len(labels)} images, {mistakes} mistakes)",
         "val_ece_before": expected_calibration_error(raw.max(1), correct),
         "val_ece_after": expected_calibration_error(cal.max(1), correct),
         "review_table": review_table(cal.max(1), correct),

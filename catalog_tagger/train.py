@@ -183,13 +183,7 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
 
     init = load_model(config.init) if config.init is not None else None
     if init is not None:
-        # The network is the --init model's: record its shape, not options that could not apply.
-        used = init.config
-        if (config.input_size, config.channels, config.flip_tta) != (used.input_size, used.channels, used.flip_tta):
-            log.warning("--init model has input %dx%d, %d channel(s), flip TTA %s; those are used",
-                        used.input_size, used.input_size, used.channels, "on" if used.flip_tta else "off")
-        config = dataclasses.replace(config, input_size=used.input_size, channels=used.channels,
-                                     flip_tta=used.flip_tta, widths=tuple(used.widths), stem_width=used.stem_width)
+        config = _with_network_of(config, init.config)
     data = load_training_data(config, init, progress)
     train_images, train_labels = data.train.images, data.train.labels
     val_images, val_labels = data.val.images, data.val.labels
@@ -306,6 +300,16 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     card = save_model(model.cpu(), card, out / WEIGHTS_FILE)
     plot_training_curves(history.rows, out / "training_curves.png")
     return card
+
+
+def _with_network_of(config: TrainConfig, used: ModelConfig) -> TrainConfig:
+    """``config`` with the --init model's network shape, which is what trains, so that the
+    card records it rather than options that could not apply."""
+    if (config.input_size, config.channels, config.flip_tta) != (used.input_size, used.channels, used.flip_tta):
+        log.warning("--init model has input %dx%d, %d channel(s), flip TTA %s; those are used",
+                    used.input_size, used.input_size, used.channels, "on" if used.flip_tta else "off")
+    return dataclasses.replace(config, input_size=used.input_size, channels=used.channels,
+                               flip_tta=used.flip_tta, widths=tuple(used.widths), stem_width=used.stem_width)
 
 
 def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str = "auto",

@@ -226,7 +226,7 @@ def own_data(all_data: LabeledArrays, val_fraction: float, seed: int, source: st
     train_idx, val_idx = stratified_split(all_data.labels, val_fraction, seed)
     if len(val_idx) == 0:
         raise DataError(f"too few images for a validation split ({len(all_data.labels)}); "
-                        "give at least two images of a class")
+                        "give at least one class two or more images")
 
     def part(idx: np.ndarray) -> LabeledArrays:
         return LabeledArrays(all_data.images[idx], all_data.labels[idx], all_data.classes)
