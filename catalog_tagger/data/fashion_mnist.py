@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import platformdirs
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from .idx import read_idx_bytes, read_payload
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ def train_val_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.
     The test set never takes part: it is only for the final, reported evaluation.
     """
     if not 0 < val_size < n:
-        raise ValueError(f"val_size must be between 1 and {n - 1}, got {val_size}")
+        raise UsageError(f"--val-size must be between 1 and {n - 1} (the training set has {n} images), "
+                         f"got {val_size}")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[val_size:]), np.sort(order[:val_size])

@@ -206,9 +206,6 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 def fashion_mnist_data(data_dir: Path | None, val_size: int, seed: int) -> TrainingData:
     train_all = load_split("train", data_dir)
     test = load_split("test", data_dir)
-    if not 0 < val_size < len(train_all):
-        raise UsageError(f"--val-size must be between 1 and {len(train_all) - 1} "
-                         f"(the training set has {len(train_all)} images), got {val_size}")
     train_idx, val_idx = train_val_indices(len(train_all), val_size, seed)
     images = train_all.images[:, None]
 
