@@ -1,0 +1,339 @@
+"""Learn from reviewed photos: fine-tune, calibrate out of fold, and write a model folder.
+
+The reviewed photos are all the evidence there is about the retailer's own pictures, so
+each one is used twice, never for the same thing at once:
+
+1. k-fold cross-validation: k copies of the starting model are fine-tuned, each on k-1
+   folds, and each predicts the fold it did not see. Those out-of-fold predictions give
+   the accuracy in the card, the temperature, and the review-threshold table with its
+   Clopper-Pearson lower bounds, all measured on photos the predicting model never
+   trained on.
+2. The final model is fine-tuned the same way on every label and carries that
+   calibration (``calibration.source = "own_photos"``).
+
+Fine-tuning is ``train --init``'s recipe (same ``train_one_epoch``, augmentation, SGD
+with warm-up and decay) on arrays decoded once by the tagging decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .calibration import calibrate, softmax
+from .checkpoint import LoadedModel, load_model, output_folder, save_model
+from .config import LearnConfig, TrainConfig
+from .data.labeled import class_key, decode_paths
+from .errors import DataError, OutputError
+from .model import FASHION_MNIST_CLASSES, build_model
+from .review import OTHER, WHY_RANDOM
+from .runtime import describe_device, predict_logits_array, resolve_device
+from .tagging import default_workers
+from .train import WEIGHTS_FILE, lr_schedule, train_one_epoch
+from .workbook import ReviewRow, read_review_rows
+
+log = logging.getLogger(__name__)
+
+# Fewer labels than this cannot be split into folds that each teach and test something.
+MIN_LABELS = 10
+CONFIDENCE_LEVEL = 0.90
+
+
+@dataclass
+class ReviewedSet:
+    """Reviewed photos that decoded, with class indices, and what was left out."""
+
+    paths: list[str]
+    labels: np.ndarray
+    random: np.ndarray  # bool: chosen for the random slice (unbiased precision)
+    images: np.ndarray
+    other: int
+    missing: list[str]
+    undecodable: list[dict[str, str]]
+
+
+def collect_labels(files: list[Path], classes: tuple[str, ...]) -> tuple[list[ReviewRow], list[int], int]:
+    """Filled rows of every review file (deduplicated by path), their class index (-1 for
+    ``other``), and the number of rows left empty. Refuses unknown labels and conflicts."""
+    keys = {class_key(c): i for i, c in enumerate(classes)}
+    if class_key(OTHER) in keys:
+        raise DataError(f"the model has a class named like {OTHER!r}; learn cannot tell it from 'not one of these'")
+    keys[class_key(OTHER)] = -1
+    first: dict[str, tuple[ReviewRow, int]] = {}
+    empty = 0
+    for file in files:
+        for row in read_review_rows(Path(file), require_filled=False):
+            if not row.correct_label:
+                empty += 1
+                continue
+            index = keys.get(class_key(row.correct_label))
+            if index is None:
+                raise DataError(f"{row.where}: {row.correct_label!r} is not one of the model's classes "
+                                f"({', '.join(classes)}) nor {OTHER!r}")
+            path = os.path.normpath(os.path.abspath(row.path))
+            if path in first and first[path][1] != index:
+                prev, prev_index = first[path]
+                raise DataError(f"{prev.where} and {row.where} label the same photo {path} differently "
+                                f"({_name(prev_index, classes)!r}, {_name(index, classes)!r}); keep one")
+            if path not in first:
+                first[path] = (ReviewRow(row.where, row.image_id, path, row.correct_label, row.why), index)
+    if not first:
+        raise DataError(f"no row of {', '.join(map(str, files))} has correct_label filled in; label some photos first")
+    rows = [r for r, _ in first.values()]
+    return rows, [i for _, i in first.values()], empty
+
+
+def _name(index: int, classes: tuple[str, ...]) -> str:
+    return OTHER if index < 0 else classes[index]
+
+
+def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> ReviewedSet:
+    rows, indices, _ = collect_labels(list(config.reviewed), loaded.classes)
+    other = sum(1 for i in indices if i < 0)
+    kept = [(r, i) for r, i in zip(rows, indices) if i >= 0]
+    # A photo deleted since the review is skipped and counted, not fatal: catalogs change
+    # between the review and the weekly learn, and the other labels are still good.
+    missing = [r.path for r, _ in kept if not os.path.isfile(r.path)]
+    if missing:
+        log.warning("skipping %d reviewed photos that no longer exist (first: %s)", len(missing), missing[0])
+    gone = set(missing)
+    kept = [(r, i) for r, i in kept if r.path not in gone]
+    workers = default_workers() if config.workers is None else config.workers
+    paths = [r.path for r, _ in kept]
+    images, ok, problems = decode_paths(paths, loaded.config, min(workers, max(1, len(paths) // 64)), progress)
+    kept = [k for k, good in zip(kept, ok) if good]
+    if len(kept) < MIN_LABELS:
+        raise DataError(f"only {len(kept)} reviewed photos can be learned from ({other} marked {OTHER!r}, "
+                        f"{len(missing)} missing, {len(problems)} undecodable); label at least {MIN_LABELS}")
+    return ReviewedSet(
+        paths=[r.path for r, _ in kept], labels=np.array([i for _, i in kept], np.int64),
+        random=np.array([r.why == WHY_RANDOM for r, _ in kept], bool), images=images, other=other,
+        missing=missing, undecodable=problems,
+    )
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold number per example, each class dealt round-robin over the folds after a shuffle."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(labels), np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = (np.arange(len(members)) + offset) % k
+        offset += len(members)  # classes continue where the last one stopped: folds stay even
+    return fold
+
+
+def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config: LearnConfig,
+              device: torch.device, seed: int) -> torch.nn.Module:
+    """A copy of ``init`` fine-tuned on ``images``/``labels`` with ``train``'s recipe."""
+    recipe = TrainConfig()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(init.config)
+    model.load_state_dict(init.model.state_dict())
+    model = model.to(device=device, memory_format=torch.channels_last)
+    batch_size = min(config.batch_size, len(images))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=recipe.momentum, nesterov=True,
+                                weight_decay=recipe.weight_decay)
+    steps = max(1, len(images) // batch_size) * config.epochs
+    warmup = max(1, int(recipe.warmup_epochs * max(1, len(images) // batch_size)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, steps, warmup))
+    # The simulated "worn by a model" augmentation knows Fashion-MNIST's garments only.
+    worn = recipe.worn_prob if init.classes == FASHION_MNIST_CLASSES and init.config.channels == 1 else 0.0
+    images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    for _ in range(config.epochs):
+        train_one_epoch(model, optimizer, scheduler, images_t, labels_t, batch_size, generator, device,
+                        recipe.label_smoothing, worn, progress=False, mixed_precision=False)
+    return model.eval()
+
+
+def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dict[str, Any]:
+    """Fine-tune on reviewed photos, calibrate out of fold, write ``config.out``; returns the card."""
+    started = time.perf_counter()
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there or choose another --out")
+    init = load_model(config.init)
+    data = load_reviewed(config, init, progress)
+    device = resolve_device(config.device)
+    n = len(data.labels)
+    k = max(2, min(config.folds, n // 2))
+    fold = stratified_folds(data.labels, k, config.seed)
+    eval_batch = 1024
+    before = predict_logits_array(init.model.to(device).eval(), data.images, device, eval_batch)
+    oof = np.zeros_like(before)
+    for f in range(k):
+        log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int((fold != f).sum()))
+        model = fine_tune(init, data.images[fold != f], data.labels[fold != f], config, device, config.seed + f)
+        oof[fold == f] = predict_logits_array(model, data.images[fold == f], device, eval_batch)
+    final = fine_tune(init, data.images, data.labels, config, device, config.seed + k)
+
+    calibration = calibrate(oof, data.labels)
+    probs = softmax(oof, calibration["temperature"])
+    correct = probs.argmax(1) == data.labels
+    init_correct = before.argmax(1) == data.labels
+    calibration.update({
+        "fitted_on": "reviewed photos",
+        "source": "own_photos",
+        "detail": f"out-of-fold predictions of {k} fine-tuned models on {n} reviewed photos "
+                  f"({int((~correct).sum())} mistakes); never on photos the predicting model trained on",
+        "folds": k,
+        "n": n,
+        "confidence_level": CONFIDENCE_LEVEL,
+        "review_table_bounds": bounded_table(probs.max(1), correct),
+    })
+    if data.random.any():
+        r = data.random
+        calibration["random_slice"] = {
+            "n": int(r.sum()), "accuracy": float(correct[r].mean()),
+            "accuracy_lower_bound": clopper_pearson_lower(int(correct[r].sum()), int(r.sum())),
+            "review_table_bounds": bounded_table(probs.max(1)[r], correct[r], points=21),
+        }
+    classes = init.classes
+    cv_accuracy = float(correct.mean())
+    trained_on = _path_keys(data.paths)
+    earlier = set(init.card.get("training", {}).get("reviewed_path_keys", []))
+    new = np.array([key not in earlier for key in trained_on], bool)
+    card = {
+        "name": out.name if out.name not in ("", ".") else "model",
+        "description": f"{init.card.get('name', 'model')} fine-tuned on {n} reviewed catalog photos.",
+        "input": init.card.get("input"),
+        "preprocessing": init.card.get("preprocessing"),
+        "training": {
+            "dataset": "reviewed photos",
+            "reviewed_files": [str(p) for p in config.reviewed],
+            "command": command,
+            "config": {**{k_: str(v) if isinstance(v, Path) else v for k_, v in vars(config).items()
+                          if k_ != "reviewed"}},
+            "init": init.ident,
+            "labels_per_class": {c: int((data.labels == i).sum()) for i, c in enumerate(classes)},
+            "labels": n,
+            "other": data.other,
+            "missing_photos": len(data.missing),
+            "missing_examples": data.missing[:20],
+            "skipped_images": len(data.undecodable),
+            "skipped_examples": data.undecodable[:20],
+            "reviewed_path_keys": trained_on,
+            "seconds": round(time.perf_counter() - started, 1),
+            "device": describe_device(device),
+        },
+        "metrics": {
+            "cv_accuracy": cv_accuracy,
+            "cv_accuracy_lower_bound": clopper_pearson_lower(int(correct.sum()), n),
+            "cv_per_class_accuracy": {c: float(correct[data.labels == i].mean()) if (data.labels == i).any() else None
+                                      for i, c in enumerate(classes)},
+            "init_accuracy": float(init_correct.mean()),
+            # Photos the --init model never trained on: the fair ground for "is the new one better".
+            "comparison": {"n": int(new.sum()),
+                           "init_accuracy": float(init_correct[new].mean()) if new.any() else None,
+                           "cv_accuracy": float(correct[new].mean()) if new.any() else None},
+            "val_accuracy": cv_accuracy,  # what jobs/retrain.sh and older tools compare
+            "test_accuracy": None,
+        },
+        "calibration": calibration,
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_model_folder(out, final, card, config.overwrite)
+    return card
+
+
+def _write_model_folder(out: Path, model: torch.nn.Module, card: dict[str, Any], overwrite: bool) -> None:
+    """Write into a fresh sibling folder, then swap it in: a failed write never leaves a
+    half model where ``tag --model`` would find it."""
+    out = Path(out)
+    output_folder(out.parent if str(out.parent) else Path("."))
+    staging = out.with_name(f".{out.name}.new")
+    shutil.rmtree(staging, ignore_errors=True)
+    output_folder(staging)
+    saved = save_model(model.cpu(), card, staging / WEIGHTS_FILE)
+    card.update(saved)
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _path_keys(paths: list[str]) -> list[str]:
+    """Short hashes of the photos' paths: enough to recognise them again, small in the card."""
+    return sorted(hashlib.sha1(p.encode("utf-8", "surrogateescape")).hexdigest()[:12] for p in paths)
+
+
+def bounded_table(confidence: np.ndarray, correct: np.ndarray, points: int = 101) -> list[dict[str, float]]:
+    """For accepting the rows with confidence >= threshold: precision, its one-sided
+    Clopper-Pearson lower bound at ``CONFIDENCE_LEVEL``, and coverage."""
+    order = np.argsort(-confidence)
+    conf, hits = confidence[order], np.cumsum(correct[order])
+    table = []
+    for q in np.linspace(0.0, 1.0, points):
+        m = max(1, int(round(q * len(conf))))
+        good = int(hits[m - 1])
+        table.append({"threshold": float(conf[m - 1]), "precision": good / m,
+                      "precision_lower_bound": clopper_pearson_lower(good, m),
+                      "coverage": m / len(conf), "accepted": m})
+    return table
+
+
+def clopper_pearson_lower(successes: int, n: int, level: float = CONFIDENCE_LEVEL) -> float:
+    """One-sided lower confidence bound for a binomial proportion (exact, Clopper-Pearson):
+    the p at which seeing ``successes`` or more out of ``n`` has probability 1 - level."""
+    if n <= 0 or successes <= 0:
+        return 0.0
+    alpha = 1.0 - level
+    # P(X >= s | p) = I_p(s, n - s + 1), increasing in p: bisect for alpha.
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _betainc(successes, n - successes + 1, mid) < alpha:
+            lo = mid
+        else:
+            hi = mid
+    return round(lo, 6)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (no SciPy here)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-12:
+            break
+    return math.exp(log_front) * h / a
