@@ -230,7 +230,7 @@ def thumbnail_jpeg(path: str, size: int) -> bytes | None:
     """A small JPEG of the photo (longest side ``size``), or None when it cannot be read."""
     import io
 
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     from .preprocess import to_8bit
 

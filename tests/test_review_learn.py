@@ -1,0 +1,360 @@
+"""`review` and `learn` through the real CLI: the workbook a person fills, and what is refused.
+
+The round trip tags sample_catalog/ with the bundled model, writes a review workbook,
+fills correct_label with openpyxl the way a person types into cells, learns a model with
+small settings, and tags with it. Each bad workbook must stop `learn` with exit code 3
+and a sentence naming the problem, before any training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import openpyxl
+import pandas as pd
+import pytest
+
+from catalog_tagger.learn import bounded_table, clopper_pearson_lower
+from catalog_tagger.model import FASHION_MNIST_CLASSES
+from catalog_tagger.review import OTHER
+from catalog_tagger.workbook import CLASSES_SHEET, REVIEW_SHEET, read_review_rows
+
+from .conftest import SAMPLE
+
+BUDGET = 30
+LEARN_FAST = ("--epochs", "3", "--folds", "3", "--workers", "0", "--device", "cpu")
+
+
+def truth() -> dict[str, str]:
+    with open(SAMPLE / "labels.csv", newline="") as fh:
+        return {os.path.abspath(SAMPLE / r["path"]): r["label_name"] for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="module")
+def tags(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from click.testing import CliRunner
+
+    from catalog_tagger.cli import cli
+
+    out = tmp_path_factory.mktemp("review") / "tags.parquet"
+    result = CliRunner().invoke(cli, ["-q", "tag", str(SAMPLE / "images"), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def workbook(tags: Path) -> Path:
+    from click.testing import CliRunner
+
+    from catalog_tagger.cli import cli
+
+    out = tags.parent / "review.xlsx"
+    result = CliRunner().invoke(cli, ["review", str(tags), "--budget", str(BUDGET), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "kB" in result.output or "MB" in result.output  # the file size is reported
+    return out
+
+
+def columns(ws) -> dict[str, int]:
+    return {c.value: c.column for c in ws[2]}
+
+
+def fill(src: Path, dst: Path, labels: dict[str, str] | None = None, limit: int | None = None) -> None:
+    """Type labels into correct_label as a person would: open, edit cells, save."""
+    labels = truth() if labels is None else labels
+    wb = openpyxl.load_workbook(src)
+    ws = wb[REVIEW_SHEET]
+    col = columns(ws)
+    filled = 0
+    for r in range(3, ws.max_row + 1):
+        path = ws.cell(r, col["path"]).value
+        if path in labels and (limit is None or filled < limit):
+            ws.cell(r, col["correct_label"]).value = labels[path]
+            filled += 1
+    wb.save(dst)
+
+
+def test_review_workbook_has_thumbnails_dropdown_and_frozen_header(workbook: Path, tags: Path) -> None:
+    wb = openpyxl.load_workbook(workbook)
+    ws = wb[REVIEW_SHEET]
+    assert ws.freeze_panes == "A3"
+    assert "correct_label" in str(ws["A1"].value)  # the instruction line
+    col = columns(ws)
+    for name in ("image_id", "path", "label", "confidence", "label_2", "score_2", "why", "correct_label"):
+        assert name in col
+    rows = list(ws.iter_rows(min_row=3, values_only=True))
+    assert len(rows) == BUDGET
+    assert all(r[col["correct_label"] - 1] is None for r in rows)
+    assert len(ws._images) == BUDGET
+    assert {img.anchor._from.row for img in ws._images} == set(range(2, BUDGET + 2))  # 0-based: one per row
+
+    (validation,) = ws.data_validations.dataValidation
+    assert validation.type == "list"
+    assert validation.formula1 == f"={CLASSES_SHEET}!$A$1:$A${len(FASHION_MNIST_CLASSES) + 1}"
+    letter = openpyxl.utils.get_column_letter(col["correct_label"])
+    assert str(validation.sqref) == f"{letter}3:{letter}{BUDGET + 2}"
+    listed = [c.value for c in wb[CLASSES_SHEET]["A"]]
+    assert listed == [*FASHION_MNIST_CLASSES, OTHER]
+    assert wb[CLASSES_SHEET].sheet_state == "hidden"
+
+
+def test_review_takes_a_random_slice_and_every_predicted_class(workbook: Path, tags: Path) -> None:
+    frame = pd.read_excel(workbook, header=1)
+    assert (frame["why"] == "random").sum() == round(BUDGET * 0.25)
+    assert (frame["why"] == "uncertain").sum() == BUDGET - round(BUDGET * 0.25)
+    assert frame["path"].is_unique
+    ok = pd.read_parquet(tags).query("status == 'ok'")
+    uncertain = frame[frame["why"] == "uncertain"]
+    assert set(uncertain["label"]) == set(ok["label"])
+    # Within each predicted class, the uncertain rows are its smallest-margin photos.
+    ok["margin"] = [scores[0] - scores[1] for scores in ok["topk_scores"]]
+    left = ok[~ok["path"].isin(frame["path"])]
+    chosen = ok[ok["path"].isin(uncertain["path"])]
+    for label, group in chosen.groupby("label"):
+        others = left[left["label"] == label]["margin"]
+        assert others.empty or group["margin"].max() <= others.min()
+
+
+def test_review_excludes_photos_already_reviewed(run_cli, workbook: Path, tags: Path, tmp_path: Path) -> None:
+    out = tmp_path / "second.xlsx"
+    result = run_cli("review", tags, "--budget", 100, "--out", out, "--exclude", workbook)
+    assert result.exit_code == 0, result.output
+    first = set(pd.read_excel(workbook, header=1)["path"])
+    second = set(pd.read_excel(out, header=1)["path"])
+    assert len(second) == 40 - BUDGET and not first & second
+
+
+def test_review_refuses_to_overwrite(run_cli, workbook: Path, tags: Path) -> None:
+    before = workbook.read_bytes()
+    result = run_cli("review", tags, "--budget", 5, "--out", workbook)
+    assert result.exit_code == 6 and "--overwrite" in result.output
+    assert workbook.read_bytes() == before
+
+
+def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Path) -> None:
+    labels = truth()
+    wb = openpyxl.load_workbook(workbook)
+    ws = wb[REVIEW_SHEET]
+    col = columns(ws)
+    paths = [ws.cell(r, col["path"]).value for r in range(3, ws.max_row + 1)]
+    typed = {p: labels[p] for p in paths}
+    typed[paths[0]] = " " + labels[paths[0]].upper() + "  "  # case and spaces are accepted
+    typed[paths[1]] = "Other"  # not one of these: kept out of training
+    del typed[paths[2]]  # left empty: not reviewed
+    filled = tmp_path / "filled.xlsx"
+    fill(workbook, filled, typed)
+    # A photo deleted since the review is skipped and counted.
+    gone = tmp_path / "gone.png"
+    shutil.copy(paths[3], gone)
+    extra = tmp_path / "extra.csv"
+    extra.write_text(f"path,correct_label\n{gone},Coat\n")
+    gone.unlink()
+
+    model = tmp_path / "learned"
+    result = run_cli("learn", filled, extra, "--out", model, *LEARN_FAST)
+    assert result.exit_code == 0, result.output
+    card = json.loads((model / "model.json").read_text())
+    assert card["training"]["labels"] == BUDGET - 2
+    assert card["training"]["other"] == 1 and card["training"]["missing_photos"] == 1
+    assert sum(card["training"]["labels_per_class"].values()) == BUDGET - 2
+    cal = card["calibration"]
+    assert cal["fitted_on"] == "reviewed photos" and cal["source"] == "own_photos"
+    assert cal["folds"] == 3 and cal["n"] == BUDGET - 2
+    assert len(cal["review_table"]) == 101 and all(len(row) == 3 for row in cal["review_table"])
+    for row in cal["review_table_bounds"]:
+        assert 0 <= row["precision_lower_bound"] <= row["precision"] <= 1
+    whys = dict(zip(paths, [ws.cell(r, col["why"]).value for r in range(3, ws.max_row + 1)]))
+    learned = [p for p in typed if typed[p] != "Other"]
+    assert cal["random_slice"]["n"] == sum(whys[p] == "random" for p in learned)
+    assert 0 <= card["metrics"]["cv_accuracy"] <= 1
+
+    out = tmp_path / "tags.parquet"
+    result = run_cli("tag", SAMPLE / "images", "--model", model, "--out", out, "--workers", "0",
+                     "--target-precision", "0.5")
+    assert result.exit_code == 0, result.output
+    tagged = pd.read_parquet(out)
+    assert tagged["model"].str.startswith("learned@sha256:" + card["weights_sha256"][:12]).any()
+
+    result = run_cli("learn", filled, "--out", model, *LEARN_FAST)
+    assert result.exit_code == 6 and "--overwrite" in result.output
+
+
+def _rows(path: Path) -> list[list]:
+    ws = openpyxl.load_workbook(path)[REVIEW_SHEET]
+    return [list(r) for r in ws.iter_rows(values_only=True)]
+
+
+def _edit(workbook: Path, dst: Path, change) -> Path:
+    wb = openpyxl.load_workbook(workbook)
+    change(wb[REVIEW_SHEET], columns(wb[REVIEW_SHEET]))
+    wb.save(dst)
+    return dst
+
+
+def _label_all(ws, col) -> None:
+    labels = truth()
+    for r in range(3, ws.max_row + 1):
+        ws.cell(r, col["correct_label"]).value = labels[ws.cell(r, col["path"]).value]
+
+
+def bad_header_renamed(ws, col) -> None:
+    _label_all(ws, col)
+    ws.cell(2, col["correct_label"]).value = "answer"
+
+
+def bad_header_deleted(ws, col) -> None:
+    _label_all(ws, col)
+    ws.delete_rows(2)
+
+
+def bad_unknown_label(ws, col) -> None:
+    _label_all(ws, col)
+    ws.cell(7, col["correct_label"]).value = "Jacket"
+
+
+def bad_conflicting_duplicate(ws, col) -> None:
+    _label_all(ws, col)
+    ws.append([ws.cell(3, c).value for c in range(1, ws.max_column + 1)])
+    last = ws.max_row
+    ws.cell(last, col["correct_label"]).value = "Bag" if ws.cell(3, col["correct_label"]).value != "Bag" else "Coat"
+
+
+def bad_merged_cells(ws, col) -> None:
+    _label_all(ws, col)
+    letter = openpyxl.utils.get_column_letter(col["correct_label"])
+    ws.merge_cells(f"{letter}5:{letter}7")
+
+
+def bad_nothing_filled(ws, col) -> None:
+    pass
+
+
+@pytest.mark.parametrize("change, words", [
+    (bad_header_renamed, "no header row"),
+    (bad_header_deleted, "no header row"),
+    (bad_unknown_label, "row 7: 'Jacket' is not one of the model's classes"),
+    (bad_conflicting_duplicate, "label the same photo"),
+    (bad_merged_cells, "are merged"),
+    (bad_nothing_filled, "no row of"),
+], ids=lambda v: v.__name__ if callable(v) else None)
+def test_learn_refuses_bad_workbook(run_cli, workbook: Path, tmp_path: Path, change, words: str) -> None:
+    bad = _edit(workbook, tmp_path / "bad.xlsx", change)
+    result = run_cli("learn", bad, "--out", tmp_path / "model", *LEARN_FAST)
+    assert result.exit_code == 3, result.output
+    assert words in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "model").exists()
+
+
+def test_learn_refuses_files_that_are_not_what_they_say(run_cli, workbook: Path, tmp_path: Path) -> None:
+    cases = {
+        "csv-named.xlsx": (b"path,correct_label\n/x.png,Coat\n", "is a CSV file named .xlsx"),
+        "truncated.xlsx": (workbook.read_bytes()[:3000], "not a readable .xlsx workbook"),
+        "encrypted.xlsx": (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(2000), "password-protected"),
+        "workbook-named.csv": (workbook.read_bytes(), "is a workbook named .csv"),
+        "empty.csv": (b"", "no header row"),
+    }
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        result = run_cli("learn", path, "--out", tmp_path / "model", *LEARN_FAST)
+        assert result.exit_code == 3, (name, result.output)
+        assert words in result.output, (name, result.output)
+
+
+def test_learn_reads_csv_with_loose_labels(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("image_id,path,correct_label\na,img/a.png, t-shirt/TOP \nb,img/b.png,\n")
+    rows = read_review_rows(path, require_filled=False)
+    assert [r.correct_label for r in rows] == ["t-shirt/TOP", ""]
+    assert rows[0].path == str(tmp_path / "img" / "a.png")  # relative to the CSV's folder
+
+
+def test_clopper_pearson_lower_bound_is_exact() -> None:
+    # Known values: 10/10 at 90% one-sided is 0.1 ** (1/10); 0 successes bound 0.
+    assert clopper_pearson_lower(10, 10) == pytest.approx(0.1 ** 0.1, abs=1e-5)
+    assert clopper_pearson_lower(0, 10) == 0.0
+    assert 0.82 < clopper_pearson_lower(45, 50) < 0.83
+    import numpy as np
+
+    table = bounded_table(np.array([0.9, 0.8, 0.7, 0.6]), np.array([True, True, False, True]), points=5)
+    assert [r["accepted"] for r in table] == [1, 1, 2, 3, 4]
+    assert table[-1]["precision"] == 0.75
+
+
+# --- Real programs: a browser for the page, a spreadsheet program for the workbook ---------------
+
+def _program(*names: str) -> str | None:
+    return next((shutil.which(n) for n in names if shutil.which(n)), None)
+
+
+CHROMIUM = _program("chromium", "chromium-browser", "google-chrome")
+SOFFICE = _program("soffice", "libreoffice")
+
+
+@pytest.fixture(scope="module")
+def page(tags: Path) -> Path:
+    from click.testing import CliRunner
+
+    from catalog_tagger.cli import cli
+
+    out = tags.parent / "review.html"
+    result = CliRunner().invoke(cli, ["review", str(tags), "--budget", "10", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_review_page_is_self_contained(page: Path) -> None:
+    text = page.read_text()
+    assert text.count("data:image/jpeg;base64,") == 10
+    assert "http://" not in text and "https://" not in text and "src=\"/" not in text
+    assert text.count('<select class="label">') == 10
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_review_page_in_a_real_browser_gives_back_labels(page: Path, tmp_path: Path) -> None:
+    # Choose labels the way a click does (value + change event), then let the page's own
+    # CSV function write its result where --dump-dom shows it.
+    script = """<script>
+const sels = document.querySelectorAll("select.label");
+sels[0].value = "Coat"; sels[0].dispatchEvent(new Event("change"));
+sels[2].value = "other"; sels[2].dispatchEvent(new Event("change"));
+const pre = document.createElement("pre"); pre.id = "csv-out"; pre.textContent = labelsCsv();
+document.body.appendChild(pre);
+</script></body>"""
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", script))
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'id="csv-out"' in dom, dom[-2000:]
+    import html
+
+    text = html.unescape(dom.split('id="csv-out">', 1)[1].split("</pre>", 1)[0])
+    downloaded = tmp_path / "labels.csv"
+    downloaded.write_text(text)
+    rows = read_review_rows(downloaded)
+    assert len(rows) == 10
+    assert [r.correct_label for r in rows][:3] == ["Coat", "", "other"]
+    assert {r.path for r in rows} <= set(pd.read_parquet(page.parent / "tags.parquet")["path"])
+
+
+@pytest.mark.skipif(SOFFICE is None, reason="LibreOffice is not installed (apt-get install libreoffice-calc)")
+def test_workbook_opens_in_libreoffice_with_thumbnails_and_dropdown(workbook: Path, tmp_path: Path) -> None:
+    # LibreOffice reads the workbook and writes it out again: what survives is what it understood.
+    env = {**os.environ, "HOME": str(tmp_path)}  # a fresh profile; no clash with a running instance
+    for fmt in ("xlsx", "csv"):
+        subprocess.run([SOFFICE, "--headless", "--convert-to", fmt, "--outdir", str(tmp_path / fmt), str(workbook)],
+                       check=True, capture_output=True, timeout=180, env=env)
+    again = openpyxl.load_workbook(tmp_path / "xlsx" / workbook.name)
+    ws = again[REVIEW_SHEET]
+    assert len(ws._images) == BUDGET
+    (validation,) = ws.data_validations.dataValidation
+    assert validation.type == "list" and CLASSES_SHEET in validation.formula1
+    with open(tmp_path / "csv" / workbook.with_suffix(".csv").name, newline="") as fh:
+        lines = list(csv.reader(fh))
+    assert "correct_label" in lines[1] and len(lines) == BUDGET + 2
