@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 
 import click
+import pyarrow as pa
 import pytest
 
 from catalog_tagger.cli import cli
 from catalog_tagger.errors import EXIT_CODES
+from catalog_tagger.schema import OUTPUT_FIELDS
 
 from .conftest import REPO
 
@@ -124,6 +126,27 @@ def test_the_option_checks_would_catch_a_missing_or_invented_option():
     assert "--max-pixels" not in long_options(cli.commands["train"])
     assert set(OPTION.findall("use `--max-pixels N`, not --no-such-option; a-b--c")) == {
         "--max-pixels", "--no-such-option"}
+
+
+def readme_type(arrow_type: pa.DataType) -> str:
+    """An Arrow type as the README's Output table writes it."""
+    if pa.types.is_list(arrow_type):
+        return f"list&lt;{readme_type(arrow_type.value_type)}&gt;"
+    if pa.types.is_timestamp(arrow_type):
+        return "timestamp (UTC)"
+    return {"float": "float32", "double": "float64"}.get(str(arrow_type), str(arrow_type))
+
+
+def test_the_output_table_lists_every_column_with_its_type():
+    output = README.split("\n## Output\n", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, str] = {}
+    for names, types in re.findall(r"^\|\s*(`[^|]+`)\s*\|\s*([^|]+?)\s*\|", output, re.M):
+        names_list, types_list = re.findall(r"`(\w+)`", names), types.split(", ")
+        if len(types_list) == 1:  # `width`, `height` | int32
+            types_list *= len(names_list)
+        assert len(names_list) == len(types_list), f"one type per column, or one for all: {names} | {types}"
+        documented.update(zip(names_list, types_list))
+    assert documented == {f.name: readme_type(f.type) for f in OUTPUT_FIELDS}
 
 
 def test_exit_codes_in_the_readme_match_the_code():
