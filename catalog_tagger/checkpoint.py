@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from .model import GarmentNet, ModelConfig, build_model
 CARD_FORMAT = 1
 BUNDLED_DIR = Path(__file__).parent / "models"
 BUNDLED_NAME = "model"
+# A card is a few hundred KB at most; anything larger is not one of ours (or a trap).
+MAX_CARD_BYTES = 16 << 20
 
 
 @dataclass
@@ -37,6 +41,7 @@ class LoadedModel:
     config: ModelConfig
     card: dict[str, Any]
     weights_path: Path
+    card_path: Path
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -53,8 +58,12 @@ class LoadedModel:
 
     @property
     def ident(self) -> str:
-        """Name plus a short weights hash: what output rows record as their model."""
-        return f"{self.card.get('name', self.weights_path.stem)}@sha256:{self.sha256[:12]}"
+        """Name, a short weights hash and a short hash of the calibration: what output rows
+        record as their model. ``calibrate`` changes confidences without touching the weights,
+        so rows tagged before and after it must not count as the same model."""
+        calibration = json.dumps(self.card.get("calibration"), sort_keys=True).encode()
+        return (f"{self.card.get('name', self.weights_path.stem)}@sha256:{self.sha256[:12]}"
+                f"+cal:{hashlib.sha256(calibration).hexdigest()[:8]}")
 
 
 def sha256_file(path: Path) -> str:
@@ -63,6 +72,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def open_regular_file(path: Path) -> int:
+    """A read-only descriptor on ``path``, which must be a regular file (links to one are
+    fine): a FIFO, a device such as /dev/zero or a folder would hang or never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: a FIFO must not block
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelError(f"{path} is not a regular file")
+    return fd
+
+
+def shareable_mode() -> int:
+    """rw-r--r-- within the user's umask: what a plain ``open()`` would have made."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -75,7 +101,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; models and reports are meant to be shared
+        os.chmod(tmp, shareable_mode())  # mkstemp makes 0600; models and reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -102,61 +128,133 @@ def output_folder(path: Path) -> Path:
 
 
 def save_model(model: GarmentNet, card: dict[str, Any], weights_path: Path) -> dict[str, Any]:
-    """Write weights and card; returns the card completed with config, file name and sha256."""
+    """Write weights and card; returns the card completed with config, file name and sha256.
+
+    The card is the commit point. When ``weights_path`` already exists (a model being
+    replaced), the new weights go to a file of their own name first, the card is renamed
+    over the old one, and only then is the old weights file removed: a reader, or a run
+    killed at any moment, sees the old model or the new one, never a mix.
+    """
     weights_path = Path(weights_path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
+    card_path = weights_path.with_suffix(".json")
+    replaced = _weights_named_by(card_path) if card_path.exists() else None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = weights_path.with_name(f".{weights_path.name}.tmp")
     # One metadata key only: safetensors writes its metadata map in hash order, so two keys
     # would make identical weights hash differently from run to run.
     save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, weights_path)
+    os.chmod(tmp, shareable_mode())  # another account (cron, a colleague) must be able to read it
+    sha = sha256_file(tmp)
+    target = weights_path
+    if target.exists():
+        target = weights_path.with_name(f"{weights_path.stem}-{sha[:12]}{weights_path.suffix}")
+    os.replace(tmp, target)
     card = {
         "card_format": CARD_FORMAT,
         **card,
         "model_config": model.config.to_dict(),
         "classes": list(model.config.classes),
-        "weights_file": weights_path.name,
-        "weights_sha256": sha256_file(weights_path),
+        "weights_file": target.name,
+        "weights_sha256": sha,
     }
-    atomic_write_json(weights_path.with_suffix(".json"), card)
+    atomic_write_json(card_path, card)
+    if replaced is not None and replaced != target and replaced.name != target.name:
+        replaced.unlink(missing_ok=True)
     return card
+
+
+def _weights_named_by(card_path: Path) -> Path:
+    """The weights file a card points to: its ``weights_file`` (a bare name in the card's
+    folder), else the card's own name with .safetensors (cards of older versions)."""
+    try:
+        name = read_card(card_path).get("weights_file")
+    except ModelError:
+        name = None
+    if isinstance(name, str) and name and os.path.basename(name) == name and name not in (".", ".."):
+        return card_path.with_name(name)
+    return card_path.with_suffix(".safetensors")
+
+
+def holds_model(folder: Path) -> bool:
+    """Whether ``folder`` already holds a model or a training run (a card, weights or a checkpoint)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(
+        p.suffix in (".safetensors", ".pt") or (p.suffix == ".json" and p.with_suffix(".safetensors").exists())
+        or p.name == "model.json" for p in folder.iterdir())
 
 
 def _resolve(path: Path) -> tuple[Path, Path]:
     """Accept a folder, a weights file or a card; return (weights, card)."""
     path = Path(path)
     if path.is_dir():
-        cards = sorted(path.glob("*.json"))
-        cards = [c for c in cards if c.with_suffix(".safetensors").exists()]
+        cards = [c for c in sorted(path.glob("*.json")) if c.is_file() and _weights_named_by(c).exists()]
         if len(cards) != 1:
             raise ModelError(f"{path}: expected one NAME.safetensors with its NAME.json card, found {len(cards)}")
-        return cards[0].with_suffix(".safetensors"), cards[0]
+        return _weights_named_by(cards[0]), cards[0]
     if not path.exists():
         raise ModelError(f"model file not found: {path}")
     if path.suffix == ".json":
-        return path.with_suffix(".safetensors"), path
+        return _weights_named_by(path), path
     return path, path.with_suffix(".json")
 
 
 def read_card(card_path: Path) -> dict[str, Any]:
+    """The card as a dict, read only from a regular file of bounded size."""
     try:
-        card = json.loads(Path(card_path).read_text(encoding="utf-8"))
+        fd = open_regular_file(card_path)
     except FileNotFoundError:
         raise ModelError(f"model card not found: {card_path} (every model needs its JSON card beside it)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ModelError(f"cannot read model card {card_path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(MAX_CARD_BYTES + 1)
+    if len(data) > MAX_CARD_BYTES:
+        raise ModelError(f"model card {card_path} is larger than {MAX_CARD_BYTES >> 20} MB: not a model card")
+    try:
+        card = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"model card {card_path} is not valid JSON: {exc}") from exc
-    if not isinstance(card, dict) or "weights_sha256" not in card or "model_config" not in card:
+    except RecursionError:
+        raise ModelError(f"model card {card_path} is nested too deeply to be a model card") from None
+    if not isinstance(card, dict) or "weights_sha256" not in card or not isinstance(card.get("model_config"), dict):
         raise ModelError(f"{card_path} is not a catalog-tagger model card (no weights_sha256/model_config)")
+    _check_calibration(card.get("calibration"), card_path)
     return card
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_calibration(calibration: Any, card_path: Path) -> None:
+    """Refuse a calibration block that would turn confidences into NaN or nonsense."""
+    if calibration is None:
+        return
+    bad = f"model card {card_path} has an invalid calibration"
+    if not isinstance(calibration, dict):
+        raise ModelError(f"{bad}: expected an object, found {type(calibration).__name__}")
+    temperature = calibration.get("temperature", 1.0)
+    if not _finite(temperature) or not 1e-3 <= temperature <= 1e3:
+        raise ModelError(f"{bad} temperature ({temperature!r}); it must be a number between 0.001 and 1000")
+    table = calibration.get("review_table", [])
+    # Rows are [threshold, precision, coverage, ...] (calibration.review_table).
+    if not isinstance(table, list) or not all(
+            isinstance(row, list) and len(row) >= 3 and all(_finite(v) for v in row[:3]) for row in table):
+        raise ModelError(f"{bad} review table (rows need a finite threshold, precision and coverage)")
 
 
 def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | None = None) -> LoadedModel:
     """Load a model after checking its weights against the card; the bundled one by default."""
     weights_path, card_path = _resolve(path if path is not None else bundled_model_path())
     card = read_card(card_path)
-    if not weights_path.is_file():
-        raise ModelError(f"weights file not found: {weights_path}")
+    try:
+        fd = open_regular_file(weights_path)
+    except FileNotFoundError:
+        raise ModelError(f"weights file not found: {weights_path}") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read weights file {weights_path}: {exc.strerror or exc}") from exc
+    os.close(fd)
     actual = sha256_file(weights_path)
     if actual != card["weights_sha256"]:
         raise ModelError(
@@ -181,7 +279,7 @@ def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | Non
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"{weights_path}: weights do not fit the card's model config ({first})") from exc
-    return LoadedModel(model.eval(), config, card, weights_path)
+    return LoadedModel(model.eval(), config, card, weights_path, card_path)
 
 
 def bundled_model_path() -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -20,8 +22,8 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .config import DEVICES, EvalConfig, TagConfig, TrainConfig
-from .errors import EXIT_CODES, CatalogTaggerError
+from .config import DEVICES, EvalConfig, LearnConfig, ReviewConfig, TagConfig, TrainConfig
+from .errors import EXIT_CODES, CatalogTaggerError, OutputError
 from .writers import WRITERS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +34,17 @@ EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for cod
 def default(config_cls: type, name: str) -> Any:
     """The default of a config field, so options and library share one source."""
     return {f.name: f.default for f in fields(config_cls)}[name]
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses NaN and infinity, which pass every range comparison
+    (a templated cron variable left as 'nan' would switch a check off silently)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def reports_errors(func: F) -> F:
@@ -105,12 +118,12 @@ def labeled_photo_options(func: F) -> F:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--epochs", type=click.IntRange(1), default=default(TrainConfig, "epochs"), show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=default(TrainConfig, "batch_size"), show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=default(TrainConfig, "lr"), show_default=True,
+@click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=default(TrainConfig, "lr"), show_default=True,
               help="Peak learning rate of the one-cycle schedule.")
 @click.option("--seed", type=int, default=default(TrainConfig, "seed"), show_default=True)
 @click.option("--val-size", type=click.IntRange(1), default=default(TrainConfig, "val_size"), show_default=True,
               help="Training images held out for validation.")
-@click.option("--worn-prob", type=click.FloatRange(0, 1), default=default(TrainConfig, "worn_prob"),
+@click.option("--worn-prob", type=FiniteFloatRange(0, 1), default=default(TrainConfig, "worn_prob"),
               show_default=True, help="Share of tops and dresses shown worn by a simulated model (real photos).")
 @click.option("--flip-tta/--no-flip-tta", default=default(TrainConfig, "flip_tta"), show_default=True,
               help="Average each prediction with the mirror image's (one more forward pass).")
@@ -121,7 +134,7 @@ def labeled_photo_options(func: F) -> F:
               help="Model input size in pixels (own photos only).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=str(default(TrainConfig, "channels")),
               show_default=True, help="1 = grayscale, 3 = RGB (own photos only).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
               default=default(TrainConfig, "val_fraction"), show_default=True,
               help="Share of your own photos held out for validation (stratified).")
 @click.option("--init", type=click.Path(path_type=Path), help="Fine-tune from this model (same classes).")
@@ -188,15 +201,17 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @click.option("--out", type=click.Path(path_type=Path), default=default(TagConfig, "out"), show_default=True,
               help="Output file; the format follows its extension unless --format is given.")
 @click.option("--format", "fmt", type=click.Choice(sorted(WRITERS)), help="Output format (default: from --out).")
+@click.option("--raw-csv", is_flag=True, help="Write CSV text cells exactly as they are, even those starting with "
+              "= + - @ that spreadsheets run as formulas (by default they get a leading apostrophe).")
 @click.option("--model", type=click.Path(path_type=Path), help="Model (.safetensors, card .json or folder); default: bundled.")
 @click.option("--batch-size", type=click.IntRange(1), default=default(TagConfig, "batch_size"), show_default=True)
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
 @device_option
 @click.option("--top-k", type=click.IntRange(1), default=default(TagConfig, "top_k"), show_default=True,
               help="How many ranked labels each row lists.")
-@click.option("--review-threshold", type=click.FloatRange(0, 1), default=default(TagConfig, "review_threshold"),
+@click.option("--review-threshold", type=FiniteFloatRange(0, 1), default=default(TagConfig, "review_threshold"),
               show_default=True, help="Rows with a lower confidence get needs_review = true.")
-@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True),
+@click.option("--target-precision", type=FiniteFloatRange(0, 1, min_open=True),
               help="Set needs_review from the model's calibration so auto-accepted rows reach this precision "
                    "(on validation data); overrides --review-threshold.")
 @click.option("--ext", "extensions", multiple=True, help="File extension to tag in a folder (repeatable; "
@@ -205,38 +220,44 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @click.option("--id-col", help="Manifest column with image ids (default: the path).")
 @click.option("--root", type=click.Path(path_type=Path, file_okay=False),
               help="Resolve manifest paths against this folder and refuse paths that leave it.")
-@click.option("--max-error-rate", type=click.FloatRange(0, 1),
+@click.option("--max-error-rate", type=FiniteFloatRange(0, 1),
               help="Exit with code 7 (after writing) when a larger share of images failed.")
 @click.option("--shard-size", type=click.IntRange(1), default=default(TagConfig, "shard_size"), show_default=True,
               help="Images per committed shard (the unit of --resume).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run, keeping its finished shards.")
+@click.option("--resume-if-possible", is_flag=True,
+              help="Like --resume, but an unfinished run of other inputs or options is started over instead "
+                   "of refused (for unattended jobs).")
 @click.option("--incremental", type=click.Path(path_type=Path),
               help="Previous output: unchanged images (path, size, mtime) are carried over, not re-tagged.")
+@click.option("--max-shrink", type=FiniteFloatRange(0, 1), default=default(TagConfig, "max_shrink"), show_default=True,
+              help="With --incremental, stop (exit 5, previous output kept) when the source has more than this "
+                   "share fewer images than the previous output.")
 @click.option("--hash", "use_hash", is_flag=True, help="Record content sha256; with --incremental, compare it too.")
 @click.option("--max-pixels", type=click.IntRange(1), default=default(TagConfig, "max_pixels"), show_default=True,
               help="Images needing more decoded pixels are rejected as too_large.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine; ray: a Ray cluster (--out is then a folder of Parquet parts).")
 @click.option("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance).")
-@click.option("--num-gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--num-gpus-per-worker", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="GPUs per model actor with --engine ray.")
 @click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
               help="Model actors with --engine ray (decoding uses every CPU of the cluster).")
-@click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=default(TagConfig, "time_limit"),
+@click.option("--time-limit", type=FiniteFloatRange(0, min_open=True), default=default(TagConfig, "time_limit"),
               show_default=True, help="Seconds one image may take to decode before it is reported as unreadable.")
 @click.pass_context
 @reports_errors
-def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Path | None, batch_size: int,
-        workers: int | None, device: str, top_k: int, review_threshold: float, target_precision: float | None,
-        extensions: tuple[str, ...], path_col: str, id_col: str | None, root: Path | None,
-        max_error_rate: float | None, shard_size: int, resume: bool, incremental: Path | None, use_hash: bool,
-        max_pixels: int, engine: str, ray_address: str | None, num_gpus_per_worker: float, concurrency: int,
-        time_limit: float) -> None:
+def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, raw_csv: bool, model: Path | None,
+        batch_size: int, workers: int | None, device: str, top_k: int, review_threshold: float,
+        target_precision: float | None, extensions: tuple[str, ...], path_col: str, id_col: str | None,
+        root: Path | None, max_error_rate: float | None, shard_size: int, resume: bool, resume_if_possible: bool,
+        incremental: Path | None, max_shrink: float, use_hash: bool, max_pixels: int, engine: str,
+        ray_address: str | None, num_gpus_per_worker: float, concurrency: int, time_limit: float) -> None:
     """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
 
     Every input gets exactly one row, in input order; images that cannot be used get a
     status and an error message instead of a label. A summary goes to stderr and to
-    OUT's name with .summary.json.
+    OUT.summary.json.
     """
     from .run import check_error_rate, run_tagging
 
@@ -245,11 +266,15 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, model: Pat
         review_threshold=review_threshold, target_precision=target_precision, format=fmt,
         extensions=extensions or default(TagConfig, "extensions"), path_col=path_col, id_col=id_col, root=root,
         max_error_rate=max_error_rate, shard_size=shard_size, resume=resume, incremental=incremental,
-        hash=use_hash, max_pixels=max_pixels, time_limit=time_limit,
+        hash=use_hash, max_pixels=max_pixels, time_limit=time_limit, max_shrink=max_shrink,
+        escape_formulas=not raw_csv, resume_if_possible=resume_if_possible,
     )
     if engine == "ray":
-        if incremental is not None or fmt == "csv":
-            raise click.UsageError("--engine ray writes a Parquet dataset and does not support --incremental yet")
+        if incremental is not None:
+            raise click.UsageError("--engine ray does not support --incremental yet; use the local engine")
+        if fmt == "csv":
+            raise click.UsageError("--engine ray writes a folder of Parquet files and cannot write CSV; "
+                                   "use the local engine for CSV")
         from .ray_engine import run_tagging_ray
 
         summary = run_tagging_ray(config, ray_address, num_gpus_per_worker, concurrency, progress=_progress(ctx))
@@ -274,10 +299,87 @@ def calibrate(ctx: click.Context, model: Path, data_dir: Path | None, device: st
     """
     from .train import calibrate_saved_model
 
+    folder = model if model.is_dir() else model.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot store the calibration: the model folder {folder} is not writable")
     card = calibrate_saved_model(model, data_dir, device, progress=_progress(ctx))
     cal = card["calibration"]
     click.echo(f"temperature {cal['temperature']:.3f}: validation ECE {cal['val_ece_before']:.4f} -> "
                f"{cal['val_ece_after']:.4f} ({cal['fitted_on']})", err=True)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("tags", type=click.Path(path_type=Path))
+@click.option("--budget", type=click.IntRange(1), default=default(ReviewConfig, "budget"), show_default=True,
+              help="Photos to put in front of a person.")
+@click.option("--out", type=click.Path(path_type=Path), default=default(ReviewConfig, "out"), show_default=True,
+              help="review.xlsx (a workbook) or review.html (one self-contained page).")
+@click.option("--exclude", type=click.Path(path_type=Path), multiple=True,
+              help="Earlier review workbook or CSV whose photos are not asked again (repeatable).")
+@click.option("--random-share", type=FiniteFloatRange(0, 1), default=default(ReviewConfig, "random_share"),
+              show_default=True, help="Share of the budget drawn at random, for an unbiased precision estimate.")
+@click.option("--seed", type=int, default=default(ReviewConfig, "seed"), show_default=True)
+@click.option("--thumbnail-size", type=click.IntRange(16, 512), default=default(ReviewConfig, "thumbnail_size"),
+              show_default=True, help="Longest side of each thumbnail in pixels.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Model whose class names fill the drop-down when TAGS is a CSV (default: bundled).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.pass_context
+@reports_errors
+def review(ctx: click.Context, tags: Path, budget: int, out: Path, exclude: tuple[Path, ...], random_share: float,
+           seed: int, thumbnail_size: int, model: Path | None, overwrite: bool) -> None:
+    """Choose the photos of a `tag` output (TAGS) most worth labelling, into a workbook or page.
+
+    A random slice (why = random) measures the model without bias; the rest are the
+    photos it is least sure of, from every predicted class (why = uncertain). Fill in
+    correct_label, then run `catalog-tagger learn`.
+    """
+    from .review import build_review
+
+    config = ReviewConfig(tags=tags, out=out, budget=budget, random_share=random_share, exclude=exclude,
+                          seed=seed, thumbnail_size=thumbnail_size, model=model, overwrite=overwrite)
+    result = build_review(config)
+    whys = {w: sum(1 for i in result.items if i.why == w) for w in ("random", "uncertain")}
+    click.echo(f"{len(result.items)} photos to review ({whys['random']} random, {whys['uncertain']} uncertain; "
+               f"{result.candidates} candidates, {result.excluded} already reviewed) -> {result.out} "
+               f"({_size(result.bytes)})", err=True)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("reviewed", type=click.Path(path_type=Path), nargs=-1, required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the new model.")
+@click.option("--init", type=click.Path(path_type=Path), help="Model to start from (default: bundled).")
+@click.option("--folds", type=click.IntRange(2), default=default(LearnConfig, "folds"), show_default=True,
+              help="Cross-validation folds for the accuracy and calibration in the card.")
+@click.option("--epochs", type=click.IntRange(1), default=default(LearnConfig, "epochs"), show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=default(LearnConfig, "batch_size"), show_default=True)
+@click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=default(LearnConfig, "lr"), show_default=True)
+@click.option("--seed", type=int, default=default(LearnConfig, "seed"), show_default=True)
+@click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
+@device_option
+@click.option("--overwrite", is_flag=True, help="Replace the model in --out if there is one.")
+@click.pass_context
+@reports_errors
+def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path | None, folds: int, epochs: int,
+          batch_size: int, lr: float, seed: int, workers: int | None, device: str, overwrite: bool) -> None:
+    """Fine-tune on filled review workbooks or CSVs (path + correct_label) into a new model folder.
+
+    Empty correct_label cells are not reviewed; 'other' keeps a photo out of training.
+    Accuracy and calibration in the card come from k-fold out-of-fold predictions.
+    """
+    from .learn import learn as learn_from
+
+    config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, batch_size=batch_size,
+                         lr=lr, seed=seed, device=device, workers=workers, overwrite=overwrite)
+    card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))
+    m, t = card["metrics"], card["training"]
+    click.echo(f"learned from {t['labels']} photos ({t['other']} other, {t['missing_photos']} missing, "
+               f"{t['skipped_images']} undecodable) in {t['seconds']:.0f}s: cross-validated accuracy "
+               f"{m['cv_accuracy']:.3f} (was {m['init_accuracy']:.3f}) -> {out}", err=True)
 
 
 def main() -> None:

@@ -120,3 +120,44 @@ class TagConfig:
     max_pixels: int = 64_000_000
     # Seconds one image may take to decode before it is reported as unreadable.
     time_limit: float = 30.0
+    # With --incremental: stop (exit 5, previous output kept) when the source has more
+    # than this share fewer images than PREV; an unmounted share looks like that.
+    max_shrink: float = 0.5
+    # CSV cells that a spreadsheet would run as formulas get a leading apostrophe.
+    escape_formulas: bool = True
+    # Like resume, but an unfinished run of other inputs or options is discarded, not refused.
+    resume_if_possible: bool = False
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    tags: Path = Path("tags.parquet")
+    out: Path = Path("review.xlsx")
+    budget: int = 200
+    # Share of the budget drawn at random: precision measured on those rows is unbiased
+    # for the photos nobody reviewed; the rest goes to the photos the model is least sure of.
+    random_share: float = 0.25
+    exclude: tuple[Path, ...] = ()
+    seed: int = 0
+    # Longest side in pixels; 64 px JPEGs keep a 10,000-row workbook near 20 MB.
+    thumbnail_size: int = 64
+    # The class list when TAGS is a CSV (Parquet outputs carry theirs); default: bundled.
+    model: Path | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    reviewed: tuple[Path, ...] = ()
+    out: Path = Path("runs/learned")
+    init: Path | None = None
+    # k-fold cross-validation: k models each predict the fold they did not train on; those
+    # out-of-fold predictions are what calibration and the accuracy in the card are fitted on.
+    folds: int = 5
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 0.02
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+    overwrite: bool = False

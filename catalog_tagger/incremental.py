@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UsageError
-from .schema import OUTPUT_COLUMNS, pass_through_name, rows_to_table, utf8_text
+from .schema import OUTPUT_COLUMNS, rows_to_table, utf8_text
 from .sources import Record
 from .tagging import file_sha256
 
@@ -108,7 +108,7 @@ class PreviousOutput:
                 row["needs_review"] = row["confidence"] < self.review_threshold
                 row["topk_labels"] = row["topk_labels"][: self.top_k]
                 row["topk_scores"] = row["topk_scores"][: self.top_k]
-                row.update({pass_through_name(k): v for k, v in record.extra.items()})
+                row.update(record.extra)
             else:
                 row = new_by_pos[pos]
             rows.append(row)

@@ -11,6 +11,7 @@ model so that every caller (training, evaluation, tagging) feeds the same thing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -33,6 +34,19 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
 )
 
 
+# Bounds on what a card may ask for: far above any model this project trains, far below
+# what would exhaust a machine's memory when the network is built.
+MAX_INPUT_SIZE = 512
+MAX_WIDTH = 1024
+MAX_BLOCKS = 6
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME = 200
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network; stored in every checkpoint and card."""
@@ -50,6 +64,25 @@ class ModelConfig:
     flip_tta: bool = False
 
     def __post_init__(self) -> None:
+        # A card comes from disk and may be crafted: check types and bound every size
+        # before anything is allocated (an input_size of 200,000 would exhaust memory).
+        if not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in self.classes):
+            raise ValueError(f"class names must be non-empty text of at most {MAX_CLASS_NAME} characters")
+        if len(self.classes) > MAX_CLASSES:
+            raise ValueError(f"at most {MAX_CLASSES} classes, got {len(self.classes)}")
+        if not _int_in(self.input_size, 8, MAX_INPUT_SIZE):
+            raise ValueError(f"input_size must be a whole number from 8 to {MAX_INPUT_SIZE}, got {self.input_size!r}")
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        if not 1 <= len(self.widths) <= MAX_BLOCKS or not all(_int_in(w, 1, MAX_WIDTH) for w in self.widths):
+            raise ValueError(f"widths must be 1 to {MAX_BLOCKS} whole numbers from 1 to {MAX_WIDTH}")
+        if not _int_in(self.stem_width, 1, MAX_WIDTH):
+            raise ValueError(f"stem_width must be a whole number from 1 to {MAX_WIDTH}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*self.mean, *self.std)) \
+                or not all(v > 0 for v in self.std):
+            raise ValueError("mean and std must be finite numbers, std positive")
+        if not isinstance(self.flip_tta, bool):
+            raise ValueError("flip_tta must be true or false")
         if len(self.classes) < 2:
             raise ValueError("a classifier needs at least two classes")
         if len(set(self.classes)) != len(self.classes):

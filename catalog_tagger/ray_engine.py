@@ -26,8 +26,9 @@ from .checkpoint import atomic_write_json, load_model
 from .config import TagConfig
 from .errors import UsageError
 from .model import ModelConfig
-from .run import (Summary, chunks, commit_shard, is_committed, output_lock, prepare_parts, review_threshold,
-                  run_identity, shard_fingerprint, summary_path)
+from .outputs import summary_path
+from .run import (Summary, check_inputs, check_not_shrunk, chunks, commit_shard, is_committed, output_lock, prepare_parts,
+                  review_threshold, run_identity, shard_fingerprint)
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema, rows_to_table
 from .sources import open_source
@@ -85,6 +86,7 @@ def run_tagging_ray(config: TagConfig, address: str | None = None, num_gpus_per_
         raise UsageError(f"with --engine ray, --out is a folder for the Parquet dataset; {out} is a file")
     source = open_source(config.source, config.extensions, config.path_col, config.id_col, config.root)
     loaded = load_model(config.model)
+    check_inputs(config, out, loaded)
     threshold, rule = review_threshold(config, loaded)
     settings = TagSettings(batch_size=config.batch_size, top_k=config.top_k, review_threshold=threshold,
                            max_pixels=config.max_pixels, hash=config.hash, time_limit=config.time_limit)
@@ -93,7 +95,8 @@ def run_tagging_ray(config: TagConfig, address: str | None = None, num_gpus_per_
     schema = output_schema(source.extra_schema, metadata)
     identity = run_identity(config, "parquet-dataset", loaded.ident, str(Path(config.source).resolve()))
     with output_lock(out):
-        run_id = prepare_parts(out, identity, config.resume)
+        run_id = prepare_parts(out, identity, config.resume or config.resume_if_possible,
+                               restart_other=config.resume_if_possible)
         return _run(ray, config, out, source, loaded, settings, schema, run_id, threshold, rule, address,
                     num_gpus_per_worker, concurrency, progress)
 
@@ -124,6 +127,7 @@ def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, setti
         expected[index] = len(records)
         fingerprints[index] = shard_fingerprint(records)
         pending.extend({"shard": index, "ordinal": r.ordinal, "record": r} for r in records)
+    check_not_shrunk(config, len(pending) + summary.resumed_rows, None, out)
 
     if pending:
         device = "cuda" if num_gpus_per_worker > 0 else "cpu"

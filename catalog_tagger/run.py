@@ -35,10 +35,12 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .calibration import threshold_for_precision
-from .checkpoint import LoadedModel, atomic_write_json, load_model
+from .checkpoint import LoadedModel, atomic_write_json, load_model, shareable_mode
 from .config import TagConfig
-from .errors import Interrupted, OutputError, TooManyErrors, UsageError
+from .errors import Interrupted, OutputError, SourceError, TooManyErrors, UsageError
 from .incremental import PreviousOutput
+from .outputs import (RUN_STATE, lock_path, open_lock, owned_parts, parts_dir, refuse_foreign_parts, refuse_inputs,
+                      resolve_output, summary_path)
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema
 from .sources import Record, open_source
@@ -98,14 +100,6 @@ class Summary:
                 + (f", {self.resumed_rows} from committed shards" if self.resumed_rows else ""))
 
 
-def summary_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".summary.json")
-
-
-def parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
-
-
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """An exclusive POSIX lock on OUT.lock: the kernel drops it when its holder dies, so a
@@ -114,11 +108,7 @@ def output_lock(out: Path) -> Iterator[None]:
     POSIX (lockf) rather than flock: flock locks are shared with forked children, so
     decoding workers orphaned by a kill -9 would keep the lock for seconds.
     """
-    lock_path = out.with_name(out.name + ".lock")
-    try:
-        fh = open(lock_path, "a+")
-    except OSError as exc:
-        raise OutputError(f"cannot create lock file {lock_path}: {exc.strerror or exc}") from exc
+    fh = open_lock(lock_path(out))
     try:
         try:
             fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -165,15 +155,21 @@ def run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) -> 
             "format": fmt, "hash": config.hash,
             "incremental": str(config.incremental) if config.incremental else None,
             "path_col": config.path_col, "id_col": config.id_col, "root": str(config.root) if config.root else None,
-            "extensions": list(config.extensions),
-            "schema_version": SCHEMA_VERSION}
+            "extensions": list(config.extensions), "max_pixels": config.max_pixels, "time_limit": config.time_limit,
+            "escape_formulas": config.escape_formulas, "schema_version": SCHEMA_VERSION}
 
 
-def prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
-    """Create or reuse the parts folder; returns the run id."""
+def prepare_parts(parts: Path, identity: dict[str, Any], resume: bool, restart_other: bool = False) -> str:
+    """Create or reuse the parts folder; returns the run id.
+
+    With ``resume``, an unfinished run of other inputs or options is refused, unless
+    ``restart_other`` (--resume-if-possible, for unattended jobs) says to start over.
+    Only a folder this program made is ever emptied (see ``outputs``).
+    """
+    refuse_foreign_parts(parts)
     # Underscore: Parquet dataset readers skip such files in a folder of parts.
-    state_file = parts / "_run.json"
-    if parts.exists() and resume and state_file.exists():
+    state_file = parts / RUN_STATE
+    if owned_parts(parts) and resume:
         try:
             state = json.loads(state_file.read_text())
         except (OSError, json.JSONDecodeError):
@@ -181,11 +177,15 @@ def prepare_parts(parts: Path, identity: dict[str, Any], resume: bool) -> str:
         if state.get("identity") == identity:
             log.info("resuming run %s from %s", state["run_id"], parts)
             return str(state["run_id"])
-        raise UsageError(f"the unfinished run in {parts} used other inputs or options; "
-                         "re-run with the same ones, or without --resume to start over")
-    if parts.exists():
-        log.warning("discarding unfinished run in %s (pass --resume to continue it)", parts)
+        if not restart_other:
+            raise UsageError(f"the unfinished run in {parts} used other inputs or options; "
+                             "re-run with the same ones, or without --resume to start over")
+    if owned_parts(parts):
+        log.warning("discarding unfinished run in %s%s", parts,
+                    " (it used other inputs or options)" if resume else " (pass --resume to continue it)")
         shutil.rmtree(parts)
+    elif parts.is_dir():
+        parts.rmdir()  # empty (refuse_foreign_parts let it through)
     parts.mkdir(parents=True)
     run_id = uuid.uuid4().hex[:16]
     atomic_write_json(state_file, {"run_id": run_id, "identity": identity})
@@ -253,16 +253,14 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
 
     Raises ``Interrupted`` when stopped by a signal, after keeping the finished shards.
     """
-    out = Path(config.out)
-    fmt = format_for(out, config.format)
+    fmt = format_for(Path(config.out), config.format)
     if fmt not in WRITERS:
-        raise UsageError(f"cannot tell the output format from {out.name!r}; use a .parquet or .csv name or --format")
-    if not out.parent.is_dir():
-        raise OutputError(f"output folder does not exist: {out.parent}")
-    if config.top_k < 1:
-        raise UsageError("--top-k must be at least 1")
+        raise UsageError(f"cannot tell the output format from {Path(config.out).name!r}; "
+                         "use a .parquet or .csv name or --format")
+    out = resolve_output(Path(config.out))
     source = open_source(config.source, config.extensions, config.path_col, config.id_col, config.root)
     loaded = load_model(config.model)
+    check_inputs(config, out, loaded)
     device = resolve_device(config.device)
     threshold, rule = review_threshold(config, loaded)
     previous = (PreviousOutput.load(config.incremental, loaded.ident, config.hash, threshold, config.top_k)
@@ -278,7 +276,8 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
     parts = parts_dir(out)
 
     with output_lock(out), sigterm_as_interrupt():
-        run_id = prepare_parts(parts, identity, config.resume)
+        run_id = prepare_parts(parts, identity, config.resume or config.resume_if_possible,
+                               restart_other=config.resume_if_possible)
         tagger = Tagger(loaded, device, settings, run_id)
         summary = Summary(output=str(out), run_id=run_id, review_threshold=threshold, review_rule=rule)
         started = time.perf_counter()
@@ -300,17 +299,49 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
                               f"{parts}; run the same command with --resume to finish") from None
         bar.close()
         summary.seconds = time.perf_counter() - started
-        _assemble(shard_paths, out, fmt, schema, config.top_k, summary)
+        check_not_shrunk(config, sum(pq.read_metadata(p).num_rows for p in shard_paths), previous, parts)
+        _assemble(shard_paths, out, fmt, schema, config.top_k, summary, config.escape_formulas)
         atomic_write_json(summary_path(out), summary.to_dict())
         shutil.rmtree(parts, ignore_errors=True)
     return summary
+
+
+def check_inputs(config: TagConfig, out: Path, loaded: LoadedModel) -> None:
+    """Options that only the loaded model can judge, and outputs that would overwrite an input."""
+    if config.top_k > len(loaded.classes):
+        raise UsageError(f"--top-k {config.top_k} is more than the model's {len(loaded.classes)} classes")
+    source = Path(config.source)
+    refuse_inputs(out, [("the source", None if source.is_dir() else source),
+                        ("the model's weights", loaded.weights_path), ("the model's card", loaded.card_path),
+                        ("--root", config.root)], previous=config.incremental)
+
+
+def check_not_shrunk(config: TagConfig, total: int, previous: PreviousOutput | None, parts: Path) -> None:
+    """Stop before replacing the output when the source looks gone rather than changed.
+
+    An unmounted share or an emptied folder looks like a source with no images; writing
+    that would wipe yesterday's output (and, in a nightly job, the history it carries).
+    """
+    if total == 0:
+        if parts.is_dir() and len(list(parts.iterdir())) <= 1:  # nothing but our run state
+            shutil.rmtree(parts, ignore_errors=True)
+        raise SourceError(f"{config.source} has no images to tag (an unmounted share or an emptied folder?); "
+                          "nothing was written and the previous output is kept")
+    if previous is None or config.max_shrink >= 1:
+        return
+    before = previous.table.num_rows
+    if before and total < before * (1 - config.max_shrink):
+        raise SourceError(f"{config.source} has {total} images against {before} in {config.incremental}, "
+                          f"{1 - total / before:.0%} fewer (more than --max-shrink {config.max_shrink:g}); "
+                          "the previous output is kept: check the source, or re-run with --resume and "
+                          "a larger --max-shrink if the catalog really shrank")
 
 
 def review_threshold(config: TagConfig, loaded: LoadedModel) -> tuple[float, str]:
     """The confidence below which rows need review, and a sentence saying where it came from."""
     if config.target_precision is None:
         return config.review_threshold, f"confidence < {config.review_threshold:g}"
-    table = loaded.card.get("calibration", {}).get("review_table")
+    table = (loaded.card.get("calibration") or {}).get("review_table")
     if not table:
         raise UsageError("--target-precision needs a calibrated model (its card has no calibration table); "
                          "re-train it or use --review-threshold")
@@ -351,25 +382,30 @@ def _tag_shard(tagger: Tagger, records: list[Record], schema: pa.Schema, previou
     return previous.merge(records, carried, todo, fresh, schema)
 
 
-def _assemble(shard_paths: list[Path], out: Path, fmt: str, schema: pa.Schema, top_k: int, summary: Summary) -> None:
+def _assemble(shard_paths: list[Path], out: Path, fmt: str, schema: pa.Schema, top_k: int, summary: Summary,
+              escape_formulas: bool = True) -> None:
     """Stream every shard, in order, into a temporary file, then rename it over OUT."""
     # Temporary files of runs killed during this step; we hold the lock, so none is live.
     for stale in out.parent.glob(f".{out.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        writer = open_writer(fmt, tmp, schema, top_k)
-        try:
-            for path in shard_paths:
-                table = pq.read_table(path).cast(schema)
-                summary.count(table)
-                writer.write(table)
-            if not shard_paths:
-                writer.write(schema.empty_table())
-        finally:
-            writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        # Created here, exclusively and without following a link, so that nothing planted
+        # under the temporary name can redirect the write.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, shareable_mode())
+        with os.fdopen(fd, "wb") as sink:
+            writer = open_writer(fmt, sink, schema, top_k, escape_formulas)
+            try:
+                for path in shard_paths:
+                    table = pq.read_table(path).cast(schema)
+                    summary.count(table)
+                    writer.write(table)
+                if not shard_paths:
+                    writer.write(schema.empty_table())
+            finally:
+                writer.close()
+            sink.flush()
+            os.fsync(sink.fileno())
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

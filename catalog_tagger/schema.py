@@ -37,13 +37,30 @@ OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)
 MANIFEST_PREFIX = "manifest_"
 
 
-def pass_through_name(name: str) -> str:
-    return MANIFEST_PREFIX + name if name in OUTPUT_COLUMNS else name
+def pass_through_names(names: Sequence[str]) -> dict[str, str]:
+    """Each manifest column's name in the output: unchanged, or prefixed with ``manifest_``
+    (as often as needed) where it would clash with one of ours or another renamed column.
+
+    A previous output fed back as a manifest has ``label_id`` and, from an earlier round,
+    ``manifest_label_id``: the latter keeps its name, ``label_id`` becomes
+    ``manifest_manifest_label_id``.
+    """
+    taken = set(OUTPUT_COLUMNS)
+    renamed: dict[str, str] = {}
+    # Names that need no prefix keep it; the clashing ones are placed after them.
+    for name in sorted(names, key=lambda n: n in taken):
+        new = name
+        while new in taken:
+            new = MANIFEST_PREFIX + new
+        taken.add(new)
+        renamed[name] = new
+    return renamed
 
 
 def output_schema(extra: pa.Schema, metadata: dict[str, Any] | None = None) -> pa.Schema:
-    """Our columns, then the manifest's own (renamed where they would clash)."""
-    fields = list(OUTPUT_FIELDS) + [pa.field(pass_through_name(f.name), f.type) for f in extra]
+    """Our columns, then the manifest's own (which the source has already renamed where
+    they would clash, see ``pass_through_names``)."""
+    fields = list(OUTPUT_FIELDS) + list(extra)
     schema = pa.schema(fields)
     if metadata:
         schema = schema.with_metadata({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})

@@ -16,19 +16,27 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import SourceError
+from .schema import pass_through_names
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _CSV_CHUNK = 10_000
+# Parquet manifests are read in small batches with text columns kept dictionary-encoded
+# until each cell is checked: a few KB of file can expand to gigabytes (one long value
+# repeated in every row), which must become a clear refusal rather than an abort.
+_PARQUET_BATCH = 1024
+MAX_MANIFEST_CELL = 64 * 1024  # bytes of one text cell; paths, ids and titles are far shorter
 
 
 @dataclass(frozen=True)
 class Record:
-    """One image to tag: its position in the run, its id, where it is, and pass-through columns."""
+    """One image to tag: its position in the run, its id, where it is, and pass-through
+    columns (keyed by their output names, see ``schema.pass_through_names``)."""
 
     ordinal: int
     image_id: str
@@ -43,6 +51,7 @@ class Source:
     """A stream of records plus the Arrow schema of the manifest columns it passes through."""
 
     records: Iterator[Record]
+    # The pass-through columns, under their output names.
     extra_schema: pa.Schema
     kind: str
     description: str
@@ -132,33 +141,49 @@ def _resolve(value: Any, base: str, confined: bool) -> tuple[str, tuple[str, str
     text = "" if _missing(value) else str(value).strip()
     if not text:
         return "", ("missing", "empty path in manifest")
+    if "\0" in text:
+        return text, ("unsupported", "path contains a NUL byte, which no file name can")
     if os.path.isabs(text):
         if confined:
             return text, ("unsupported", "absolute path refused: paths must be relative to --root")
         return text, None
     path = os.path.normpath(os.path.join(base, text))
-    if confined and os.path.commonpath([path, os.path.normpath(base)]) != os.path.normpath(base):
-        return path, ("unsupported", "path climbs out of --root with '..': refused")
+    if confined:
+        if not _inside(path, base):
+            return path, ("unsupported", "path climbs out of --root with '..': refused")
+        # A link inside the root may point anywhere: what is opened is where it leads.
+        if not _inside(os.path.realpath(path), os.path.realpath(base)):
+            return path, ("unsupported", "path leads out of --root through a symbolic link: refused")
     return path, None
 
 
-def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path) -> list[str]:
+def _inside(path: str, folder: str) -> bool:
+    folder = os.path.normpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path) -> dict[str, str]:
+    """The pass-through columns: manifest name -> output name."""
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise SourceError(f"manifest {manifest} has more than one column named {', '.join(map(repr, repeated))}; "
+                          "rename them so each column has its own name")
     if path_col not in columns:
         raise SourceError(f"manifest {manifest} has no column {path_col!r} (columns: {', '.join(columns)}); "
                           "choose one with --path-col")
     if id_col is not None and id_col not in columns:
         raise SourceError(f"manifest {manifest} has no column {id_col!r} for --id-col")
-    return [c for c in columns if c not in (path_col, id_col)]
+    return pass_through_names([c for c in columns if c not in (path_col, id_col)])
 
 
 def _record(ordinal: int, row: dict[str, Any], path_col: str, id_col: str | None, base: str,
-            extras: list[str], confined: bool) -> Record:
+            extras: dict[str, str], confined: bool) -> Record:
     raw_path = row[path_col]
     path, problem = _resolve(raw_path, base, confined)
     image_id = row.get(id_col) if id_col else None
     if _missing(image_id) or str(image_id) == "":
         image_id = "" if _missing(raw_path) else str(raw_path)
-    return Record(ordinal, str(image_id), path, {c: row[c] for c in extras}, problem)
+    return Record(ordinal, str(image_id), path, {name: row[c] for c, name in extras.items()}, problem)
 
 
 def _base_folder(manifest: Path, root: Path | None) -> str:
@@ -189,31 +214,60 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: P
             # Found mid-run: the shards before this point stay committed for --resume.
             raise SourceError(f"manifest {manifest} is malformed after row {ordinal}: {exc}") from exc
 
-    schema = pa.schema([(c, pa.string()) for c in extras])
+    schema = pa.schema([(name, pa.string()) for name in extras.values()])
     return Source(records(), schema, "manifest", str(manifest))
 
 
 def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None) -> Source:
-    """Parquet rows streamed batch by batch; pass-through columns keep their Arrow types."""
+    """Parquet rows streamed batch by batch; pass-through columns keep their Arrow types.
+
+    Memory stays bounded whatever the file claims: text columns are read dictionary-encoded,
+    and every batch is checked for oversized cells before it is expanded into rows.
+    """
     try:
-        parquet = pq.ParquetFile(manifest)
+        schema = pq.read_schema(manifest)
+        text_columns = [f.name for f in schema if _is_text(f.type)]
+        parquet = pq.ParquetFile(manifest, read_dictionary=text_columns)
     except (OSError, pa.ArrowException) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
-    schema = parquet.schema_arrow
     extras = _manifest_columns(schema.names, path_col, id_col, manifest)
     base = _base_folder(manifest, root)
 
     def records() -> Iterator[Record]:
         ordinal = 0
         try:
-            for batch in parquet.iter_batches(batch_size=_CSV_CHUNK):
-                for row in batch.to_pylist():
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH):
+                _check_cells(batch, manifest, ordinal)
+                for row in _decoded(batch).to_pylist():
                     yield _record(ordinal, row, path_col, id_col, base, extras, root is not None)
                     ordinal += 1
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, pa.ArrowException, MemoryError) as exc:
             raise SourceError(f"manifest {manifest} is unreadable after row {ordinal}: {exc}") from exc
 
-    return Source(records(), pa.schema([schema.field(c) for c in extras]), "manifest", str(manifest))
+    return Source(records(), pa.schema([schema.field(c).with_name(name) for c, name in extras.items()]),
+                  "manifest", str(manifest))
+
+
+def _is_text(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) \
+        or pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
+
+
+def _check_cells(batch: pa.RecordBatch, manifest: Path, ordinal: int) -> None:
+    """Refuse a batch holding a text cell longer than MAX_MANIFEST_CELL, before expanding it."""
+    for name, column in zip(batch.schema.names, batch.columns):
+        values = column.dictionary if pa.types.is_dictionary(column.type) else column
+        if not _is_text(values.type) or len(values) == 0:
+            continue
+        longest = pc.max(pc.binary_length(values)).as_py() or 0
+        if longest > MAX_MANIFEST_CELL:
+            raise SourceError(f"manifest {manifest} has a value of {longest:,} bytes in column {name!r} near row "
+                              f"{ordinal} (at most {MAX_MANIFEST_CELL:,} are read); refusing it")
+
+
+def _decoded(batch: pa.RecordBatch) -> pa.RecordBatch:
+    columns = [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in batch.columns]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def open_source(source: Path, extensions: tuple[str, ...], path_col: str = "path",

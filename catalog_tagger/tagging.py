@@ -26,7 +26,7 @@ from .checkpoint import LoadedModel
 from .decode import decode_file
 from .model import ModelConfig
 from .runtime import predict_logits, prepare_model
-from .schema import pass_through_name, rows_to_table
+from .schema import rows_to_table
 from .sources import Record
 
 
@@ -132,7 +132,9 @@ class Collate:
         self.model = model
 
     def __call__(self, items: list[dict[str, Any]]) -> CollatedBatch:
-        arrays = [item.pop("array") for item in items]
+        # Only real arrays count: a batch that crossed a process boundary as a column may
+        # carry its missing images as NaN rather than None (Ray does, for all-missing batches).
+        arrays = [a if isinstance(a, np.ndarray) else None for a in (item.pop("array") for item in items)]
         good = [a for a in arrays if a is not None]
         for item, array in zip(items, arrays):
             item["has_array"] = array is not None
@@ -225,8 +227,7 @@ class Tagger:
             "run_id": self.run_id,
             "tagged_at": tagged_at,
         }
-        for name, value in record.extra.items():
-            row[pass_through_name(name)] = value
+        row.update(record.extra)
         return row
 
 

@@ -10,11 +10,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+
+# Where a writer writes: a path, or a binary file object opened by the caller.
+Sink = Path | BinaryIO
+
+# A text cell starting with one of these is run as a formula by Excel, LibreOffice and
+# Google Sheets (CSV injection): '=cmd|' /C calc'!A0', '@SUM(...)', '+1+1'. A leading
+# apostrophe makes them show the text instead (OWASP's advice).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class TableWriter(Protocol):
@@ -26,14 +35,27 @@ class TableWriter(Protocol):
 class ParquetTableWriter:
     """Parquet with our schema; file metadata carries schema version, classes and model card."""
 
-    def __init__(self, path: Path, schema: pa.Schema, top_k: int) -> None:
-        self._writer = pq.ParquetWriter(str(path), schema, compression="zstd")
+    def __init__(self, sink: Sink, schema: pa.Schema, top_k: int, escape_formulas: bool = True) -> None:
+        # Parquet is read by programs, not typed into cells: values stay exactly as they are.
+        self._writer = pq.ParquetWriter(str(sink) if isinstance(sink, Path) else sink, schema, compression="zstd")
 
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table)
 
     def close(self) -> None:
         self._writer.close()
+
+
+def escape_formula_cells(table: pa.Table) -> pa.Table:
+    """Every text cell that a spreadsheet would run as a formula, prefixed with an apostrophe."""
+    pattern = "^[" + "".join("\\" + c if c in "-\\" else c for c in FORMULA_STARTS) + "]"
+    columns = []
+    for col in table.columns:
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            risky = pc.fill_null(pc.match_substring_regex(col, pattern), False)
+            col = pc.if_else(risky, pc.binary_join_element_wise("'", col, ""), col)
+        columns.append(col)
+    return pa.table(columns, names=table.column_names)
 
 
 def flatten_for_csv(table: pa.Table, top_k: int) -> pa.Table:
@@ -83,17 +105,18 @@ def _nth(col: pa.ChunkedArray, index: int) -> pa.ChunkedArray:
 class CsvTableWriter:
     """UTF-8 CSV with one header row and one row per image, as spreadsheets import it."""
 
-    def __init__(self, path: Path, schema: pa.Schema, top_k: int) -> None:
+    def __init__(self, sink: Sink, schema: pa.Schema, top_k: int, escape_formulas: bool = True) -> None:
         import pyarrow.csv as pacsv
 
         self._top_k = top_k
-        self._path = path
+        self._escape = escape_formulas
         empty = flatten_for_csv(schema.empty_table(), top_k)
-        self._writer = pacsv.CSVWriter(str(path), empty.schema,
+        self._writer = pacsv.CSVWriter(str(sink) if isinstance(sink, Path) else sink, empty.schema,
                                        write_options=pacsv.WriteOptions(include_header=True))
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(flatten_for_csv(table, self._top_k))
+        flat = flatten_for_csv(table, self._top_k)
+        self._writer.write_table(escape_formula_cells(flat) if self._escape else flat)
 
     def close(self) -> None:
         self._writer.close()
@@ -110,5 +133,5 @@ def format_for(path: Path, explicit: str | None) -> str | None:
     return SUFFIXES.get(Path(path).suffix.lower())
 
 
-def open_writer(fmt: str, path: Path, schema: pa.Schema, top_k: int) -> TableWriter:
-    return WRITERS[fmt](path, schema, top_k)
+def open_writer(fmt: str, sink: Sink, schema: pa.Schema, top_k: int, escape_formulas: bool = True) -> TableWriter:
+    return WRITERS[fmt](sink, schema, top_k, escape_formulas)

@@ -19,9 +19,15 @@ mkdir -p "$OUTPUT_DIR/logs"
 out="$OUTPUT_DIR/tags.parquet"
 log="$OUTPUT_DIR/logs/tag-$(date -u +%Y%m%dT%H%M%SZ).log"
 
-args=(-q tag "$CATALOG_DIR" --out "$out" --resume --max-error-rate "$MAX_ERROR_RATE")
+summary="$out.summary.json"
+# --resume-if-possible: finish a run killed last night, but start over when that run used
+# another model or options (a retrain was published, EXTRA_ARGS changed) instead of failing
+# every night until someone deletes the shard store by hand.
+args=(-q tag "$CATALOG_DIR" --out "$out" --resume-if-possible --max-error-rate "$MAX_ERROR_RATE")
 # Yesterday's output is the baseline: unchanged photos are carried over, not re-decoded.
 # The tagger writes the new file atomically, so reading the old one while writing is safe.
+# An empty or much smaller source (an unmounted share) stops with exit 5 and leaves both
+# files as they were, so the history survives the night.
 if [ -f "$out" ]; then
   cp "$out" "$OUTPUT_DIR/previous.parquet"
   args+=(--incremental "$OUTPUT_DIR/previous.parquet")
@@ -33,6 +39,12 @@ set +e
 "$TAGGER" "${args[@]}" >>"$log" 2>&1
 code=$?
 set -e
-cat "$OUTPUT_DIR/tags.summary.json" >>"$log" 2>/dev/null || true
+# Exit 0 and 7 write a new output and summary; any other code leaves last night's summary
+# in place, which must not be logged as if it were tonight's.
+if [ "$code" -eq 0 ] || [ "$code" -eq 7 ]; then
+  cat "$summary" >>"$log" 2>/dev/null || true
+else
+  echo "no output written tonight; $out is unchanged" >>"$log"
+fi
 echo "exit $code" >>"$log"
 exit "$code"

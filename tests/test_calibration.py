@@ -70,7 +70,7 @@ def test_trained_cards_carry_calibration_and_tag_uses_it(tmp_path, tiny_data_dir
     result = run_cli("-q", "tag", SAMPLE, "--out", out, "--model", tmp_path / "m", "--workers", "0",
                      "--target-precision", "0.6")
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "t.summary.json").read_text())
+    summary = json.loads((tmp_path / "t.parquet.summary.json").read_text())
     assert "chosen for precision 0.6" in summary["review_rule"]
     threshold, _, _ = threshold_for_precision(cal["review_table"], 0.6)
     assert summary["review_threshold"] == pytest.approx(threshold, abs=1e-6)

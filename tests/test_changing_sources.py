@@ -44,7 +44,7 @@ def _rows(path: Path) -> pd.DataFrame:
 
 
 def _summary(out: Path) -> dict:
-    return json.loads(out.with_name(out.stem + ".summary.json").read_text())
+    return json.loads(out.with_name(out.name + ".summary.json").read_text())
 
 
 def _interrupt_at_the_third_shard(run_cli, folder: Path, out: Path, monkeypatch) -> None:

@@ -23,7 +23,7 @@ def test_nightly_job_is_incremental_logs_and_passes_exit_codes_through(tmp_path)
     assert first.returncode == 0, first.stderr
     second = _nightly(tmp_path, MAX_ERROR_RATE="0.1")
     assert second.returncode == 0, second.stderr
-    summary = json.loads((tmp_path / "tags.summary.json").read_text())
+    summary = json.loads((tmp_path / "tags.parquet.summary.json").read_text())
     # The 40 labeled rows are carried over; the 3 broken files are tried again.
     assert summary["total"] == 43 and summary["carried_over"] == 40 and summary["processed"] == 3
     logs = sorted((tmp_path / "logs").glob("tag-*.log"))

@@ -52,10 +52,13 @@ def test_empty_manifest_file_is_a_run_error(run_cli, tmp_path):
     assert result.exit_code == 5 and "Traceback" not in result.output
 
 
-def test_header_only_manifest_gives_an_empty_output(run_cli, tmp_path):
+def test_header_only_manifest_is_refused_and_keeps_the_previous_output(run_cli, tmp_path):
     (tmp_path / "m.csv").write_text("path,sku\n")
-    assert _tag(run_cli, tmp_path / "m.csv", tmp_path / "t.parquet").exit_code == 0
-    assert len(pd.read_parquet(tmp_path / "t.parquet")) == 0
+    (tmp_path / "t.parquet").write_bytes(b"yesterday")
+    result = _tag(run_cli, tmp_path / "m.csv", tmp_path / "t.parquet")
+    assert result.exit_code == 5 and "no images to tag" in result.output
+    assert (tmp_path / "t.parquet").read_bytes() == b"yesterday"
+    assert not (tmp_path / "t.parquet.parts").exists()
 
 
 def test_a_very_wide_manifest_passes_every_column_through(run_cli, tmp_path):

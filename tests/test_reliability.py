@@ -107,5 +107,5 @@ def test_kill_during_the_final_write_leaves_old_output_and_no_debris(catalog, re
     subprocess.run(_cmd(catalog, "--out", out, "--workers", "0"), check=True)
     assert not list(tmp_path.glob(".t.parquet.*.tmp"))
     pd.testing.assert_frame_equal(_rows(out), reference)
-    summary = json.loads((tmp_path / "t.summary.json").read_text())
+    summary = json.loads((tmp_path / "t.parquet.summary.json").read_text())
     assert summary["total"] == 49

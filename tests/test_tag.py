@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from catalog_tagger.checkpoint import load_model
 from catalog_tagger.schema import OUTPUT_COLUMNS
 from catalog_tagger.synth import render_catalog_photo
 from catalog_tagger.tagging import even_batch_size, worker_loads
@@ -66,7 +67,7 @@ def test_sample_catalog_gets_one_row_per_file_in_order_with_statuses(run_cli, tm
     assert len(merged) == 40 and (merged["status"] == "ok").all()
     accuracy = (merged["label_name"] == merged["label"]).mean()
     assert accuracy >= 0.8, merged[merged["label_name"] != merged["label"]][["path", "label_name", "label", "storage"]]
-    summary = json.loads((tmp_path / "tags.summary.json").read_text())
+    summary = json.loads((tmp_path / "tags.parquet.summary.json").read_text())
     assert summary["total"] == 43 and summary["by_status"] == {"empty": 1, "ok": 40, "unreadable": 2}
 
 
@@ -142,8 +143,9 @@ def test_parquet_has_documented_types_and_metadata(run_cli, tmp_path):
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert meta["catalog_tagger_schema_version"] == "1"
     assert json.loads(meta["classes"])[9] == "Ankle boot"
-    assert json.loads(meta["model_card"])["weights_sha256"] in table["model"][0].as_py() or \
-        table["model"][0].as_py().split("sha256:")[1] in json.loads(meta["model_card"])["weights_sha256"]
+    card = json.loads(meta["model_card"])
+    assert table["model"][0].as_py() == load_model().ident
+    assert table["model"][0].as_py().startswith(f"{card['name']}@sha256:{card['weights_sha256'][:12]}+cal:")
 
 
 @pytest.mark.parametrize("fmt", sorted(WRITERS))
@@ -198,12 +200,12 @@ def test_max_error_rate_exits_7_after_writing_the_output(run_cli, tmp_path):
     assert run_cli("-q", "tag", SAMPLE, "--out", out, "--max-error-rate", "0.1").exit_code == 0
 
 
-def test_empty_folder_gives_an_empty_table_with_the_schema(run_cli, tmp_path):
+def test_empty_folder_stops_with_exit_5_and_writes_nothing(run_cli, tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "t.parquet"
-    assert _tag(run_cli, tmp_path / "empty", out).exit_code == 0
-    table = pq.read_table(out)
-    assert table.num_rows == 0 and table.column_names == list(OUTPUT_COLUMNS)
+    result = _tag(run_cli, tmp_path / "empty", out)
+    assert result.exit_code == 5 and "no images to tag" in result.output
+    assert not out.exists() and not (tmp_path / "t.parquet.parts").exists()
 
 
 def test_labels_do_not_depend_on_batch_size_or_workers(run_cli, catalog, tmp_path):
@@ -242,7 +244,7 @@ def test_incremental_run_only_tags_new_and_changed_images(run_cli, catalog, tmp_
     shutil.copy(work / "tops" / "item-004.jpg", work / "tops" / "new.jpg")
     second = tmp_path / "second.parquet"
     assert _tag(run_cli, work, second, "--incremental", first).exit_code == 0
-    summary = json.loads((tmp_path / "second.summary.json").read_text())
+    summary = json.loads((tmp_path / "second.parquet.summary.json").read_text())
     assert summary["processed"] == 2 and summary["carried_over"] == 59 and summary["total"] == 61
     old, new = _rows(first).set_index("image_id"), _rows(second).set_index("image_id")
     assert new.loc["tops/item-001.jpg", "label"] == new.loc["tops/item-002.jpg", "label"]
@@ -316,7 +318,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(catalog, tmp_path):
     assert not out.exists()
     committed = len(list((tmp_path / "t.parquet.parts").glob("shard-*.parquet")))
     subprocess.run(_cli(catalog, *args, "--resume"), check=True)
-    summary = json.loads((tmp_path / "t.summary.json").read_text())
+    summary = json.loads((tmp_path / "t.parquet.summary.json").read_text())
     assert summary["resumed_rows"] >= 8 * committed - 8 and summary["resumed_rows"] > 0
     pd.testing.assert_frame_equal(_rows(out).drop(columns=VOLATILE), _rows(reference).drop(columns=VOLATILE))
     assert not (tmp_path / "t.parquet.parts").exists()
