@@ -16,9 +16,12 @@ each class's smallest-margin photos, skipping exact duplicates (same sha256, fro
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import multiprocessing
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +227,19 @@ def build_review(config: ReviewConfig) -> ReviewResult:
     else:
         write_review_html(out, items, classes, config.thumbnail_size)
     return ReviewResult(out, items, len(frame), excluded, out.stat().st_size, classes)
+
+
+def thumbnails(paths: list[str], size: int, workers: int | None = None) -> Iterator[bytes | None]:
+    """``thumbnail_jpeg`` of each path, in order; decoded in parallel processes, since
+    decoding the full-size photos is nearly all of the time a large review takes."""
+    from .tagging import default_workers
+
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or len(paths) < 64 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from (thumbnail_jpeg(p, size) for p in paths)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(functools.partial(thumbnail_jpeg, size=size), paths, chunksize=16)
 
 
 def thumbnail_jpeg(path: str, size: int) -> bytes | None:

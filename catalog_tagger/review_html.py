@@ -81,12 +81,11 @@ update();
 
 def write_review_html(out: Path, items: Sequence[ReviewItem], classes: Sequence[str], thumbnail_size: int) -> None:
     """Write the review page atomically."""
-    from .review import OTHER, thumbnail_jpeg
+    from .review import OTHER, thumbnails
     from .workbook import INSTRUCTIONS, atomic_write
 
     rows = []
-    for item in items:
-        jpeg = thumbnail_jpeg(item.path, thumbnail_size)
+    for item, jpeg in zip(items, thumbnails([i.path for i in items], thumbnail_size)):
         img = (f'<img alt="" width="{thumbnail_size}" src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}">'
                if jpeg is not None else "(no preview)")
         topk = ", ".join(f"{html.escape(label)} {score:.2f}" for label, score in item.topk)

@@ -58,7 +58,7 @@ def write_review_workbook(out: Path, items: Sequence[ReviewItem], classes: Seque
     from openpyxl.utils import get_column_letter
     from openpyxl.worksheet.datavalidation import DataValidation
 
-    from .review import OTHER, thumbnail_jpeg
+    from .review import OTHER, thumbnails
 
     k = max((len(item.topk) for item in items), default=1)
     header = ["thumbnail", "correct_label", "label", "confidence"]
@@ -77,7 +77,7 @@ def write_review_workbook(out: Path, items: Sequence[ReviewItem], classes: Seque
         cell.fill = PatternFill("solid", fgColor="DDDDDD")
     ws.freeze_panes = "A3"  # instruction line and header stay in view
     row_height = thumbnail_size * 0.75 + 4  # points; pixels * 3/4
-    for r, item in enumerate(items, start=3):
+    for r, (item, jpeg) in enumerate(zip(items, thumbnails([i.path for i in items], thumbnail_size)), start=3):
         values: list[Any] = [None, None, item.label, round(item.confidence, 4)]
         for j in range(1, k):
             label, score = item.topk[j] if j < len(item.topk) else ("", None)
@@ -85,7 +85,6 @@ def write_review_workbook(out: Path, items: Sequence[ReviewItem], classes: Seque
         values += [item.why, item.image_id, item.path]
         ws.append(values)
         ws.row_dimensions[r].height = row_height
-        jpeg = thumbnail_jpeg(item.path, thumbnail_size)
         if jpeg is not None:
             image = XLImage(io.BytesIO(jpeg))
             ws.add_image(image, f"A{r}")
@@ -94,9 +93,10 @@ def write_review_workbook(out: Path, items: Sequence[ReviewItem], classes: Seque
               "image_id": 24, "path": 60}
     for j, name in enumerate(header, start=1):
         ws.column_dimensions[get_column_letter(j)].width = widths.get(name, 11)
-        if name in ("image_id", "path"):
-            for (cell,) in ws.iter_rows(min_row=3, max_row=last, min_col=j, max_col=j):
-                cell.alignment = Alignment(vertical="top")
+    middle = Alignment(vertical="center")  # next to the thumbnail, not below it
+    for row in ws.iter_rows(min_row=3, max_row=last, min_col=2, max_col=len(header)):
+        for cell in row:
+            cell.alignment = middle
 
     lists = wb.create_sheet(CLASSES_SHEET)
     for i, name in enumerate([*classes, OTHER], start=1):
