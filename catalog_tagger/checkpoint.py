@@ -54,7 +54,7 @@ class LoadedModel:
     @property
     def temperature(self) -> float:
         """Calibration temperature from the card; 1.0 (raw softmax) for uncalibrated models."""
-        return float(self.card.get("calibration", {}).get("temperature", 1.0))
+        return float((self.card.get("calibration") or {}).get("temperature", 1.0))
 
     @property
     def ident(self) -> str:

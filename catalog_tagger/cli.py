@@ -141,12 +141,13 @@ def labeled_photo_options(func: F) -> F:
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes for your own photos.")
 @device_option
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the model already in --out (refused otherwise).")
 @click.pass_context
 @reports_errors
 def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
           seed: int, val_size: int, worn_prob: float, flip_tta: bool, mixed_precision: bool, data: Path | None,
           manifest: Path | None, path_col: str, label_col: str, input_size: int, channels: str, val_fraction: float,
-          init: Path | None, workers: int | None, device: str, resume: bool) -> None:
+          init: Path | None, workers: int | None, device: str, resume: bool, overwrite: bool) -> None:
     """Train a garment classifier on Fashion-MNIST, or on your own labeled photos."""
     from .train import fit
 
@@ -154,7 +155,8 @@ def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, bat
                          val_size=val_size, worn_prob=worn_prob, flip_tta=flip_tta,
                          mixed_precision=mixed_precision, data=data, manifest=manifest, path_col=path_col,
                          label_col=label_col, input_size=input_size, channels=int(channels),
-                         val_fraction=val_fraction, init=init, workers=workers, device=device, resume=resume)
+                         val_fraction=val_fraction, init=init, workers=workers, device=device, resume=resume,
+                         overwrite=overwrite)
     card = fit(config, command=_command_line(ctx), progress=_progress(ctx))
     if not card:  # a non-zero rank of a torchrun job: rank 0 reports
         return

@@ -42,6 +42,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    # Replace a model already in --out (refused otherwise; see checkpoint.save_model).
+    overwrite: bool = False
     # The retailer's own labeled photos instead of Fashion-MNIST: a folder with one
     # sub-folder per class, or a CSV manifest with a path and a label column.
     data: Path | None = None
