@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -39,6 +41,7 @@ from .checkpoint import LoadedModel, atomic_write_json, load_model, shareable_mo
 from .config import TagConfig
 from .errors import Interrupted, OutputError, SourceError, TooManyErrors, UsageError
 from .incremental import PreviousOutput
+from .precision_check import PrecisionCheck, check_target_precision
 from .outputs import (RUN_STATE, lock_path, open_lock, owned_parts, parts_dir, refuse_foreign_parts, refuse_inputs,
                       resolve_output, summary_path)
 from .runtime import resolve_device
@@ -64,6 +67,8 @@ class Summary:
     seconds: float = 0.0
     review_threshold: float = 0.5
     review_rule: str = ""
+    # Only with --target-precision: whether that precision holds on photos like today's.
+    precision_check: PrecisionCheck | None = None
 
     @property
     def failed(self) -> int:
@@ -86,6 +91,8 @@ class Summary:
             "needs_review": self.needs_review, "failed": self.failed, "processed": self.processed,
             "carried_over": self.carried_over, "resumed_rows": self.resumed_rows,
             "review_threshold": round(self.review_threshold, 6), "review_rule": self.review_rule,
+            **({"target_precision_verified": self.precision_check.verified,
+                "target_precision_note": self.precision_check.reason} if self.precision_check else {}),
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1),
         }
 
@@ -95,6 +102,8 @@ class Summary:
         return (f"tagged {self.total} images -> {self.output}\n"
                 f"  status: {statuses or 'none'}\n  labels: {labels or 'none'}\n"
                 f"  needs review: {self.needs_review} ({self.review_rule})\n"
+                + (f"  precision {'verified' if self.precision_check.verified else 'NOT verified'}: "
+                   f"{self.precision_check.reason}\n" if self.precision_check else "") +
                 f"  {self.processed} decoded in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)"
                 + (f", {self.carried_over} carried over" if self.carried_over else "")
                 + (f", {self.resumed_rows} from committed shards" if self.resumed_rows else ""))
@@ -300,10 +309,22 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
         bar.close()
         summary.seconds = time.perf_counter() - started
         check_not_shrunk(config, sum(pq.read_metadata(p).num_rows for p in shard_paths), previous, parts)
+        if config.target_precision is not None:
+            summary.precision_check = check_target_precision(loaded.card, threshold, _confidences(shard_paths))
+            if not summary.precision_check.verified:
+                log.warning("--target-precision %g: %s", config.target_precision, summary.precision_check.reason)
+            schema = schema.with_metadata({**schema.metadata, **summary.precision_check.metadata()})
         _assemble(shard_paths, out, fmt, schema, config.top_k, summary, config.escape_formulas)
         atomic_write_json(summary_path(out), summary.to_dict())
         shutil.rmtree(parts, ignore_errors=True)
     return summary
+
+
+def _confidences(shard_paths: list[Path]) -> np.ndarray:
+    """The top-1 confidence of every labeled row in the shards (two columns read)."""
+    tables = [pq.read_table(p, columns=["status", "confidence"]) for p in shard_paths]
+    values = [t.filter(pc.equal(t["status"], "ok"))["confidence"].to_numpy(zero_copy_only=False) for t in tables]
+    return np.concatenate(values) if values else np.empty(0)
 
 
 def check_inputs(config: TagConfig, out: Path, loaded: LoadedModel) -> None:
@@ -350,8 +371,9 @@ def review_threshold(config: TagConfig, loaded: LoadedModel) -> tuple[float, str
         raise UsageError(f"no threshold reaches precision {config.target_precision:g} on this model's validation "
                          "data; lower --target-precision")
     threshold, precision, coverage = chosen
+    fitted_on = (loaded.card.get("calibration") or {}).get("fitted_on") or "validation data"
     return threshold, (f"confidence < {threshold:.4f}, chosen for precision {config.target_precision:g} on "
-                       f"validation data: {precision:.3f} precision, {coverage:.1%} auto-accepted there")
+                       f"{fitted_on}: {precision:.3f} precision, {coverage:.1%} auto-accepted there")
 
 
 def check_error_rate(summary: Summary, max_error_rate: float | None) -> None:
