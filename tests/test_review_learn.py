@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import openpyxl
 import pandas as pd
 import pytest
@@ -111,13 +112,28 @@ def test_review_takes_a_random_slice_and_every_predicted_class(workbook: Path, t
     ok = pd.read_parquet(tags).query("status == 'ok'")
     uncertain = frame[frame["why"] == "uncertain"]
     assert set(uncertain["label"]) == set(ok["label"])
-    # Within each predicted class, the uncertain rows are its smallest-margin photos.
-    ok["margin"] = [scores[0] - scores[1] for scores in ok["topk_scores"]]
-    left = ok[~ok["path"].isin(frame["path"])]
-    chosen = ok[ok["path"].isin(uncertain["path"])]
-    for label, group in chosen.groupby("label"):
-        others = left[left["label"] == label]["margin"]
-        assert others.empty or group["margin"].max() <= others.min()
+
+
+def test_uncertain_part_favours_low_confidence_and_covers_every_class() -> None:
+    from catalog_tagger.review import choose
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    labels = np.where(np.arange(n) < 1900, "Shirt", np.where(np.arange(n) < 1990, "Bag", "Dress"))
+    confidence = np.where(rng.random(n) < 0.5, 0.99, 0.2)
+    frame = pd.DataFrame({"label": labels, "confidence": confidence})
+    frame["topk"] = [[(lab, c)] for lab, c in zip(labels, confidence)]
+    picks = choose(frame, 200, 0.25, seed=0)
+    assert len(picks) == 200 and len({i for i, _ in picks}) == 200
+    uncertain = [i for i, why in picks if why == "uncertain"]
+    assert len(uncertain) == 150 and {labels[i] for i in uncertain} == {"Shirt", "Bag", "Dress"}
+    # Weight 1.8 against 1.01: about 64% of draws are unsure photos, never all of them.
+    unsure = float(np.mean(confidence[uncertain] < 0.5))
+    assert 0.55 < unsure < 0.8
+    # Small classes get more than their share (square-root quota), the large one still most.
+    assert sum(labels[i] == "Dress" for i in uncertain) >= 5
+    assert sum(labels[i] == "Shirt" for i in uncertain) > 100
+    assert choose(frame, 200, 0.25, seed=0) == picks  # seeded
 
 
 def test_review_excludes_photos_already_reviewed(run_cli, workbook: Path, tags: Path, tmp_path: Path) -> None:
@@ -280,8 +296,6 @@ def test_clopper_pearson_lower_bound_is_exact() -> None:
     assert clopper_pearson_lower(10, 10) == pytest.approx(0.1 ** 0.1, abs=1e-5)
     assert clopper_pearson_lower(0, 10) == 0.0
     assert 0.82 < clopper_pearson_lower(45, 50) < 0.83
-    import numpy as np
-
     table = bounded_table(np.array([0.9, 0.8, 0.7, 0.6]), np.array([True, True, False, True]), points=5)
     assert [r["accepted"] for r in table] == [1, 1, 2, 3, 4]
     assert table[-1]["precision"] == 0.75

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Weekly learn job for cron: fine-tune the published model on every filled review file
+# collected so far, and publish the result only when it is better.
+#
+# "Better" is judged on the labels the published model has never trained on (the card of a
+# model made by `learn` lists the photos it learned from): there, the new model's
+# cross-validated (out-of-fold) accuracy must beat the published model's plain accuracy.
+# On photos the published model trained on, its accuracy is in-sample and proves nothing.
+# A failed learn, no new labels, or a tie keep the published model as it is.
+#
+#   MODEL_DIR   where the published model lives (model.safetensors + model.json)  (required;
+#               empty at first: the bundled model is then the one to beat)
+#   FILLED_DIR  filled review workbooks and CSVs (*.xlsx, *.csv)  (default: /var/lib/catalog-tagger/review/filled)
+#   RUNS_DIR    where learn runs are kept                        (default: /var/lib/catalog-tagger/runs)
+#   TAGGER      the catalog-tagger executable                    (default: catalog-tagger on PATH)
+#   EXTRA_ARGS  more options for `catalog-tagger learn`          (e.g. "--epochs 20")
+set -euo pipefail
+
+: "${MODEL_DIR:?set MODEL_DIR to the folder of the published model}"
+FILLED_DIR=${FILLED_DIR:-/var/lib/catalog-tagger/review/filled}
+RUNS_DIR=${RUNS_DIR:-/var/lib/catalog-tagger/runs}
+TAGGER=${TAGGER:-catalog-tagger}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+
+files=()
+while IFS= read -r -d '' f; do files+=("$f"); done \
+  < <(find "$FILLED_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' \) ! -name '.*' -print0 2>/dev/null | sort -z)
+if [ "${#files[@]}" -eq 0 ]; then
+  echo "no filled review files in $FILLED_DIR; kept the published model"
+  exit 0
+fi
+
+run="$RUNS_DIR/learn-$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$RUNS_DIR"
+init=()
+[ -f "$MODEL_DIR/model.json" ] && init=(--init "$MODEL_DIR")
+# shellcheck disable=SC2086  # EXTRA_ARGS is meant to split into words
+"$TAGGER" -q learn "${files[@]}" --out "$run" "${init[@]}" $EXTRA_ARGS   # set -e: a failed learn publishes nothing
+
+verdict=$(python3 - "$run/model.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))["metrics"]["comparison"]
+if not c["n"]:
+    print("keep: no label the published model has not already trained on")
+elif c["cv_accuracy"] > c["init_accuracy"]:
+    print(f"publish: {c['cv_accuracy']:.4f} cross-validated vs {c['init_accuracy']:.4f} on {c['n']} new labels")
+else:
+    print(f"keep: {c['cv_accuracy']:.4f} cross-validated vs {c['init_accuracy']:.4f} on {c['n']} new labels")
+PY
+)
+echo "$verdict"
+if [ "${verdict%%:*}" = "publish" ]; then
+  mkdir -p "$MODEL_DIR"
+  # Weights first, then the card, each by rename: a reader sees a consistent pair or refuses a mismatch.
+  cp "$run/model.json" "$MODEL_DIR/.model.json.new" && cp "$run/model.safetensors" "$MODEL_DIR/.model.safetensors.new"
+  mv "$MODEL_DIR/.model.safetensors.new" "$MODEL_DIR/model.safetensors"
+  mv "$MODEL_DIR/.model.json.new" "$MODEL_DIR/model.json"
+  echo "published $run -> $MODEL_DIR"
+fi
