@@ -372,3 +372,55 @@ def test_workbook_opens_in_libreoffice_with_thumbnails_and_dropdown(workbook: Pa
     with open(tmp_path / "csv" / workbook.with_suffix(".csv").name, newline="") as fh:
         lines = list(csv.reader(fh))
     assert "correct_label" in lines[1] and len(lines) == BUDGET + 2
+
+
+# --- The nightly review and weekly learn jobs --------------------------------------------------
+
+REPO = SAMPLE.parent
+TAGGER_EXE = str(Path(__import__("sys").executable).parent / "catalog-tagger")
+
+
+def _job(name: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "jobs" / name)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TAGGER": TAGGER_EXE, **env})
+
+
+def test_nightly_review_job_never_asks_twice(tags: Path, tmp_path: Path) -> None:
+    shutil.copy(tags, tmp_path / "tags.parquet")
+    env = {"OUTPUT_DIR": str(tmp_path), "BUDGET": "25"}
+    done = _job("nightly-review.sh", **env)
+    assert done.returncode == 0, done.stderr
+    (first,) = (tmp_path / "review").glob("review-*.xlsx")
+    first.rename(first.with_name("handed-out-1.xlsx"))
+    done = _job("nightly-review.sh", **env)
+    assert done.returncode == 0, done.stderr
+    (second,) = (tmp_path / "review").glob("review-*.xlsx")
+    a = set(pd.read_excel(first.with_name("handed-out-1.xlsx"), header=1)["path"])
+    b = set(pd.read_excel(second, header=1)["path"])
+    assert len(a) == 25 and len(b) == 40 - 25 and not a & b
+
+
+def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tmp_path: Path) -> None:
+    filled, models = tmp_path / "filled", tmp_path / "published"
+    filled.mkdir()
+    env = {"FILLED_DIR": str(filled), "MODEL_DIR": str(models), "RUNS_DIR": str(tmp_path / "runs"),
+           "EXTRA_ARGS": " ".join(LEARN_FAST)}
+    done = _job("weekly-learn.sh", **env)  # nothing filled yet: nothing happens
+    assert done.returncode == 0 and "kept" in done.stdout and not models.exists()
+
+    fill(workbook, filled / "week1.xlsx")
+    done = _job("weekly-learn.sh", **env)
+    assert done.returncode == 0, done.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    comparison = json.loads((run / "model.json").read_text())["metrics"]["comparison"]
+    better = comparison["cv_accuracy"] > comparison["init_accuracy"]
+    assert done.stdout.startswith("publish" if better else "keep"), done.stdout
+    assert (models / "model.json").exists() == better
+    published = (models / "model.json").read_bytes() if better else None
+
+    # A broken file makes learn fail: the published model (or its absence) stays as it was.
+    (filled / "week2.xlsx").write_bytes(b"not a workbook")
+    done = _job("weekly-learn.sh", **env)
+    assert done.returncode == 3
+    assert ((models / "model.json").read_bytes() if better else None) == published
+    assert better or not models.exists()
