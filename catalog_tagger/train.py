@@ -28,9 +28,9 @@ from .augment import train_augment
 from .checkpoint import load_training_state, save_model, save_training_state
 from .distributed import DistInfo, barrier, device_for, setup, sum_across, teardown
 from .config import TrainConfig
-from .checkpoint import LoadedModel, atomic_write_json, load_model, output_folder
+from .checkpoint import LoadedModel, atomic_write_json, holds_model, load_model, output_folder
 from .data.labeled import LabeledArrays, TrainingData, fashion_mnist_data, load_labeled, own_data
-from .errors import ModelError, UsageError
+from .errors import ModelError, OutputError, UsageError
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
@@ -176,8 +176,10 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     device = device_for(info, resolve_device(config.device))
     out = Path(config.out)
     state_path = out / STATE_FILE
-    if state_path.exists() and not config.resume:
-        raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if not config.resume and not config.overwrite and holds_model(out):
+        raise OutputError(f"{out} already holds a model or a training run; pass --overwrite to replace it (the "
+                          "old model stays usable until the new one is saved), --resume to continue the run, "
+                          "or choose another --out")
     if info.is_main:
         output_folder(out)
 
@@ -326,14 +328,14 @@ def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str 
     model = prepare_model(loaded.model, torch_device)
     logits = predict_logits_array(model, data.val.images, torch_device, train_config.eval_batch_size)
     card = {**loaded.card, "calibration": calibrate(logits, data.val.labels)}
-    atomic_write_json(loaded.weights_path.with_suffix(".json"), card)
+    atomic_write_json(loaded.card_path, card)
     return card
 
 
 def _resumable(config: TrainConfig) -> dict[str, Any]:
     """The options that must match for --resume to continue the same run."""
     d = config.to_dict()
-    for key in ("resume", "device", "out", "data_dir", "workers"):
+    for key in ("resume", "overwrite", "device", "out", "data_dir", "workers"):
         d.pop(key)
     return d
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from catalog_tagger import train as train_module
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.config import DEFAULT_WIDTHS, TrainConfig
-from catalog_tagger.errors import UsageError
+from catalog_tagger.errors import OutputError, UsageError
 from catalog_tagger.train import fit, lr_schedule
 
 
@@ -71,9 +71,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, t
         [r["val_accuracy"] for r in straight["training"]["history"]]
 
 
-def test_refuses_to_overwrite_a_run_without_resume(tmp_path, tiny_data_dir):
+def test_refuses_to_overwrite_a_run_without_resume_or_overwrite(tmp_path, tiny_data_dir):
     fit(_config(tmp_path, tiny_data_dir, "once", epochs=1), progress=False)
-    with pytest.raises(UsageError, match="--resume"):
+    with pytest.raises(OutputError, match="--overwrite .*--resume"):
         fit(_config(tmp_path, tiny_data_dir, "once", epochs=1), progress=False)
 
 
