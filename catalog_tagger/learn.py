@@ -42,7 +42,7 @@ from .model import FASHION_MNIST_CLASSES, build_model
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
 from .tagging import default_workers
-from .train import WEIGHTS_FILE, lr_schedule, train_one_epoch
+from .train import WEIGHTS_FILE, StepSettings, TrainState, lr_schedule, train_one_epoch
 from .workbook import ReviewRow, read_review_rows
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,10 @@ def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config:
     # The simulated "worn by a model" augmentation knows Fashion-MNIST's garments only.
     worn = recipe.worn_prob if init.classes == FASHION_MNIST_CLASSES and init.config.channels == 1 else 0.0
     images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    state = TrainState(model, optimizer, scheduler, generator)
+    settings = StepSettings(batch_size, device, recipe.label_smoothing, worn)  # float32, as before
     for _ in range(config.epochs):
-        train_one_epoch(model, optimizer, scheduler, images_t, labels_t, batch_size, generator, device,
-                        recipe.label_smoothing, worn, progress=False, mixed_precision=False)
+        train_one_epoch(state, images_t, labels_t, settings)
     return model.eval()
 
 
@@ -165,6 +166,8 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     """Fine-tune on reviewed photos, calibrate out of fold, write ``config.out``; returns the card."""
     started = time.perf_counter()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; choose a folder")
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there or choose another --out")
     init = load_model(config.init)

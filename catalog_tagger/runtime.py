@@ -56,15 +56,30 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({arch}, {torch.backends.cpu.get_cpu_capability()}{bf16}, {torch.get_num_threads()} threads)"
 
 
-def training_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 mixed precision for training where the hardware has it (1.5x faster on an
-    AVX512-BF16 CPU); weights and the loss stay float32.
+def training_dtype(device: torch.device, mixed_precision: bool = True) -> torch.dtype:
+    """The precision training computes in: bf16 where mixed precision is asked for and
+    ``device`` computes bf16 natively, float32 otherwise (emulated bf16 is slower than
+    float32). The one place this is decided, so that the card records what really ran."""
+    return torch.bfloat16 if mixed_precision and native_bf16(device) else torch.float32
 
+
+def precision_name(dtype: torch.dtype) -> str:
+    """How a model card names the training precision."""
+    return "bf16 mixed" if dtype == torch.bfloat16 else "float32"
+
+
+def training_autocast(device: torch.device, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` (default: what ``training_dtype`` picks for the hardware) for the
+    forward pass of training; weights, gradients, the optimizer step and the loss stay float32.
+
+    bf16 is 1.5x faster on an AVX512-BF16 CPU. Forcing ``torch.bfloat16`` runs that same code
+    path on any CPU (emulated, slower), which is how the tests exercise it everywhere.
     Inference never uses it: labels must not depend on the device beyond float32 rounding.
     """
-    if enabled and native_bf16(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = training_dtype(device) if dtype is None else dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:

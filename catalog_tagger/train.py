@@ -25,18 +25,18 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .augment import train_augment
-from .checkpoint import load_training_state, save_model, save_training_state
-from .distributed import DistInfo, barrier, device_for, setup, sum_across, teardown
+from .calibration import calibrate, softmax
+from .checkpoint import (LoadedModel, atomic_write_json, holds_model, load_model, load_training_state,
+                         output_folder, save_model, save_training_state)
 from .config import TrainConfig
-from .checkpoint import LoadedModel, atomic_write_json, holds_model, load_model, output_folder
 from .data.labeled import LabeledArrays, TrainingData, fashion_mnist_data, load_labeled, own_data
+from .distributed import DistInfo, barrier, device_for, setup, sum_across, teardown
 from .errors import ModelError, OutputError, UsageError
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
-from .calibration import calibrate, softmax
-from .runtime import (describe_device, native_bf16, predict_logits_array, prepare_model, resolve_device,
-                      to_unit, training_autocast)
+from .runtime import (describe_device, precision_name, predict_logits_array, prepare_model, resolve_device,
+                      to_unit, training_autocast, training_dtype)
 from .tagging import default_workers
 
 log = logging.getLogger(__name__)
@@ -60,50 +60,88 @@ def lr_schedule(step: int, total_steps: int, warmup_steps: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    generator: torch.Generator,
-    device: torch.device,
-    label_smoothing: float = 0.0,
-    worn_prob: float = 0.0,
-    progress: bool = True,
-    desc: str = "train",
-    dist_info: DistInfo = DistInfo(),
-    aug_generator: torch.Generator | None = None,
-    mixed_precision: bool = False,
-) -> tuple[float, float]:
+@dataclass(frozen=True)
+class StepSettings:
+    """How every training step of a run is taken; fixed for the whole run."""
+
+    batch_size: int  # the global batch: under DDP each rank takes batch_size // world_size
+    device: torch.device
+    label_smoothing: float = 0.0
+    worn_prob: float = 0.0
+    # float32, or torch.bfloat16 for bf16 autocast (runtime.training_dtype decides which).
+    dtype: torch.dtype = torch.float32
+    dist_info: DistInfo = DistInfo()
+    progress: bool = False
+
+
+@dataclass
+class TrainState:
+    """What training changes besides the weights, and so what a checkpoint holds and
+    --resume restores: optimizer, LR schedule, random generators, history, epochs done."""
+
+    model: nn.Module  # the plain module, evaluated and saved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # the shuffle: the same sequence on every rank
+    # Augmentation: its own per rank under DDP; None shares the shuffle's generator.
+    aug_generator: torch.Generator | None = None
+    net: nn.Module | None = None  # what trains: `model`, or its DDP wrapper
+    history: History = field(default_factory=History)
+    epoch: int = 0  # epochs done
+    elapsed: float = 0.0  # training seconds of the sessions before a --resume
+
+    def checkpoint(self, train_config: dict[str, Any], elapsed: float) -> dict[str, Any]:
+        """The checkpoint after epoch ``self.epoch``."""
+        return {
+            "epoch": self.epoch - 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": self.history.rows, "train_config": train_config,
+            "elapsed": elapsed,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.history.rows = list(saved["history"])
+        self.epoch = int(saved["epoch"]) + 1
+        self.elapsed = float(saved["elapsed"])
+
+
+def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, settings: StepSettings,
+                    desc: str = "train") -> tuple[float, float]:
     """One pass over shuffled uint8 ``images`` (N, C, H, W); returns (mean loss, accuracy).
 
-    Under DDP every rank draws the same permutation from ``generator`` and takes every
+    Under DDP every rank draws the same permutation from ``state.generator`` and takes every
     world_size-th index of it (what DistributedSampler does), with its own
-    ``aug_generator`` for augmentation; ``batch_size`` stays the global batch.
+    ``state.aug_generator`` for augmentation.
     """
-    model.train()
-    aug_generator = generator if aug_generator is None else aug_generator
+    net = state.model if state.net is None else state.net
+    net.train()
+    generator = state.generator
+    aug_generator = generator if state.aug_generator is None else state.aug_generator
+    device, dist_info = settings.device, settings.dist_info
     order = torch.randperm(len(images), generator=generator)
     world = dist_info.world_size
-    batch_size = max(1, batch_size // world)
+    batch_size = max(1, settings.batch_size // world)
     order = order[dist_info.rank :: world]
     # Drop the ragged last batch: a tiny batch gives batch norm noisy statistics.
     n_batches = max(1, len(images) // world // batch_size)
     total_loss = total_correct = seen = 0.0
-    bar = tqdm(range(n_batches), desc=desc, disable=not progress, leave=False, unit="batch")
+    bar = tqdm(range(n_batches), desc=desc, disable=not settings.progress, leave=False, unit="batch")
     for i in bar:
         idx = order[i * batch_size : (i + 1) * batch_size].to(images.device)
         y = labels[idx]
-        x = train_augment(to_unit(images[idx], device), y, aug_generator, worn_prob=worn_prob)
-        with training_autocast(device, mixed_precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
+        x = train_augment(to_unit(images[idx], device), y, aug_generator, worn_prob=settings.worn_prob)
+        with training_autocast(device, settings.dtype):
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
+        state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
+        state.optimizer.step()
+        state.scheduler.step()
         n = len(idx)
         total_loss += loss.item() * n
         total_correct += (logits.argmax(1) == y).sum().item()
@@ -168,14 +206,31 @@ def fit(config: TrainConfig, command: str = "", progress: bool = True) -> dict[s
 
 
 def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> dict[str, Any]:
-    from torch.nn.parallel import DistributedDataParallel
-
-    from .report import plot_training_curves  # matplotlib is slow to import; only here
-
     started = time.perf_counter()
     device = device_for(info, resolve_device(config.device))
     out = Path(config.out)
-    state_path = out / STATE_FILE
+    _check_out(config, out, info)
+    init = load_model(config.init) if config.init is not None else None
+    if init is not None:
+        config = _with_network_of(config, init.config)
+    data = load_training_data(config, init, progress)
+    state = _start(config, data, init, device, info)
+    if config.resume and (out / STATE_FILE).exists():
+        _resume(state, out / STATE_FILE, config)
+    # The simulated-model augmentation knows Fashion-MNIST's garment classes only.
+    fmnist_like = data.train.classes == FASHION_MNIST_CLASSES and data.train.images.shape[1] == 1
+    settings = StepSettings(
+        batch_size=config.batch_size, device=device, label_smoothing=config.label_smoothing,
+        worn_prob=config.worn_prob if fmnist_like else 0.0,
+        dtype=training_dtype(device, config.mixed_precision), dist_info=info, progress=progress)
+    _train_epochs(state, config, data, settings, out / STATE_FILE, started)
+    if not info.is_main:
+        return {}
+    return _finish(state, config, command, data, init, settings, state.elapsed + time.perf_counter() - started)
+
+
+def _check_out(config: TrainConfig, out: Path, info: DistInfo) -> None:
+    """Refuse to replace a model or run unless asked to, before any work."""
     if not config.resume and not config.overwrite and holds_model(out):
         raise OutputError(f"{out} already holds a model or a training run; pass --overwrite to replace it (the "
                           "old model stays usable until the new one is saved), --resume to continue the run, "
@@ -183,19 +238,15 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     if info.is_main:
         output_folder(out)
 
-    init = load_model(config.init) if config.init is not None else None
-    if init is not None:
-        config = _with_network_of(config, init.config)
-    data = load_training_data(config, init, progress)
-    train_images, train_labels = data.train.images, data.train.labels
-    val_images, val_labels = data.val.images, data.val.labels
-    # The simulated-model augmentation knows Fashion-MNIST's garment classes only.
-    worn_prob = config.worn_prob if data.train.classes == FASHION_MNIST_CLASSES and train_images.shape[1] == 1 else 0.0
+
+def _start(config: TrainConfig, data: TrainingData, init: LoadedModel | None, device: torch.device,
+           info: DistInfo) -> TrainState:
+    """The seeded network (or the --init one), its optimizer, LR schedule and generators."""
+    from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model_config = init.config if init is not None else _model_config(config, data.train)
-    model = build_model(model_config)
+    model = build_model(init.config if init is not None else _model_config(config, data.train))
     if init is not None:
         model.load_state_dict(init.model.state_dict())
     model = model.to(device=device, memory_format=torch.channels_last)
@@ -208,68 +259,75 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
-    steps_per_epoch = max(1, len(train_images) // config.batch_size)
+    steps_per_epoch = max(1, len(data.train.images) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, total_steps, warmup))
-    history = History()
-    start_epoch = 0
-    elapsed_before = 0.0
+    return TrainState(model, optimizer, scheduler, generator, aug_generator, net)
 
-    if config.resume and state_path.exists():
-        state = load_training_state(state_path)
-        if state["train_config"] != _resumable(config):
-            raise UsageError(f"{state_path} was written with different training options; resume with the same ones")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history.rows = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        elapsed_before = float(state["elapsed"])
-        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, config.epochs)
 
+def _resume(state: TrainState, state_path: Path, config: TrainConfig) -> None:
+    saved = load_training_state(state_path)
+    if saved["train_config"] != _resumable(config):
+        raise UsageError(f"{state_path} was written with different training options; resume with the same ones")
+    state.restore(saved)
+    log.info("resuming %s at epoch %d/%d", config.out, state.epoch + 1, config.epochs)
+
+
+def _train_epochs(state: TrainState, config: TrainConfig, data: TrainingData, settings: StepSettings,
+                  state_path: Path, started: float) -> None:
+    """Train the remaining epochs; after each, rank 0 validates and writes the checkpoint."""
+    info = settings.dist_info
     # The whole training set lives on the device (43 MB of uint8 for Fashion-MNIST): a
     # batch is then one gather, with no host-to-device copy per step.
-    images_t = torch.from_numpy(train_images).to(device)
-    labels_t = torch.from_numpy(train_labels).to(device)
-    for epoch in tqdm(range(start_epoch, config.epochs), desc="epochs", disable=not progress, unit="epoch",
-                      initial=start_epoch, total=config.epochs):
+    images = torch.from_numpy(data.train.images).to(settings.device)
+    labels = torch.from_numpy(data.train.labels).to(settings.device)
+    for epoch in tqdm(range(state.epoch, config.epochs), desc="epochs", disable=not settings.progress,
+                      unit="epoch", initial=state.epoch, total=config.epochs):
         t0 = time.perf_counter()
-        loss, acc = train_one_epoch(
-            net, optimizer, scheduler, images_t, labels_t, config.batch_size, generator, device,
-            config.label_smoothing, worn_prob, progress, desc=f"epoch {epoch + 1}/{config.epochs}",
-            dist_info=info, aug_generator=aug_generator, mixed_precision=config.mixed_precision,
-        )
+        loss, acc = train_one_epoch(state, images, labels, settings, desc=f"epoch {epoch + 1}/{config.epochs}")
+        state.epoch = epoch + 1
         if not info.is_main:
             barrier(info)  # rank 0 validates and writes the checkpoint meanwhile
             continue
-        val = evaluate_arrays(model.eval(), val_images, val_labels, device, config.eval_batch_size)
-        history.add(epoch=epoch + 1, train_loss=loss, train_accuracy=acc, val_loss=val["loss"],
-                    val_accuracy=val["accuracy"], lr=optimizer.param_groups[0]["lr"],
-                    seconds=time.perf_counter() - t0)
+        val = evaluate_arrays(state.model.eval(), data.val.images, data.val.labels, settings.device,
+                              config.eval_batch_size)
+        state.history.add(epoch=epoch + 1, train_loss=loss, train_accuracy=acc, val_loss=val["loss"],
+                          val_accuracy=val["accuracy"], lr=state.optimizer.param_groups[0]["lr"],
+                          seconds=time.perf_counter() - t0)
         log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
                  epoch + 1, loss, acc, val["loss"], val["accuracy"])
-        save_training_state(state_path, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history.rows, "train_config": _resumable(config),
-            "elapsed": elapsed_before + time.perf_counter() - started,
-        })
+        save_training_state(state_path, state.checkpoint(_resumable(config),
+                                                         state.elapsed + time.perf_counter() - started))
         barrier(info)
 
-    if not info.is_main:
-        return {}
-    train_seconds = elapsed_before + time.perf_counter() - started
-    model.eval()
-    calibration = calibrate(predict_logits_array(model, val_images, device, config.eval_batch_size), val_labels)
+
+def _finish(state: TrainState, config: TrainConfig, command: str, data: TrainingData, init: LoadedModel | None,
+            settings: StepSettings, train_seconds: float) -> dict[str, Any]:
+    """Calibrate on validation, test once, write the weights, the card and the curves."""
+    from .report import plot_training_curves  # matplotlib is slow to import; only here
+
+    model, device, out = state.model.eval(), settings.device, Path(config.out)
+    calibration = calibrate(predict_logits_array(model, data.val.images, device, config.eval_batch_size),
+                            data.val.labels)
     test_report = None
     if data.test is not None:
         test_probs = softmax(predict_logits_array(model, data.test.images, device, config.eval_batch_size))
-        test_report = classification_report(data.test.labels, test_probs.argmax(1), model_config.classes)
-    final_val = history.rows[-1] if history.rows else {}
-    card = {
+        test_report = classification_report(data.test.labels, test_probs.argmax(1), model.config.classes)
+    card = _model_card(state, config, command, data, init, settings, train_seconds, test_report, calibration)
+    card = save_model(model.cpu(), card, out / WEIGHTS_FILE)
+    plot_training_curves(state.history.rows, out / "training_curves.png")
+    return card
+
+
+def _model_card(state: TrainState, config: TrainConfig, command: str, data: TrainingData,
+                init: LoadedModel | None, settings: StepSettings, train_seconds: float,
+                test_report: dict[str, Any] | None, calibration: dict[str, Any]) -> dict[str, Any]:
+    model_config: ModelConfig = state.model.config
+    out = Path(config.out)
+    final_val = state.history.rows[-1] if state.history.rows else {}
+    info = settings.dist_info
+    return {
         "name": out.name if out.name not in ("", ".") else "model",
         "description": f"Garment-type classifier for catalog photos, trained on {data.description['dataset']}.",
         "input": {"size": model_config.input_size, "channels": model_config.channels,
@@ -282,10 +340,10 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
             "init": init.ident if init is not None else None,
             "distributed": {"world_size": info.world_size, "backend": info.backend},
             "seconds": round(train_seconds, 1),
-            "device": describe_device(device),
-            "precision": "bf16 mixed" if config.mixed_precision and native_bf16(device) else "float32",
+            "device": describe_device(settings.device),
+            "precision": precision_name(settings.dtype),
             "torch_threads": torch.get_num_threads(),
-            "history": history.rows,
+            "history": state.history.rows,
         },
         "metrics": {
             "val_accuracy": final_val.get("val_accuracy"),
@@ -299,9 +357,6 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
         "torch_version": torch.__version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    card = save_model(model.cpu(), card, out / WEIGHTS_FILE)
-    plot_training_curves(history.rows, out / "training_curves.png")
-    return card
 
 
 def _with_network_of(config: TrainConfig, used: ModelConfig) -> TrainConfig:

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from catalog_tagger import runtime
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.model import ModelConfig, build_model
-from catalog_tagger.runtime import (CPU_CHUNK, fold_batchnorm, native_bf16, predict_logits, prepare_model,
-                                    training_autocast)
+from catalog_tagger.runtime import (CPU_CHUNK, fold_batchnorm, native_bf16, precision_name, predict_logits,
+                                    prepare_model, training_autocast, training_dtype)
 
 CPU = torch.device("cpu")
 
@@ -52,14 +53,32 @@ def test_empty_batch_gives_no_rows():
     assert predict_logits(_model(), torch.zeros((0, 1, 28, 28), dtype=torch.uint8), CPU).shape[0] == 0
 
 
-def test_inference_is_float32_and_training_autocast_follows_the_hardware():
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
+def test_the_bf16_probe_reads_the_cpu_flags_and_trusts_cuda(monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert native_bf16(CPU) == (avx512_bf16 or amx)
+    assert native_bf16(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_training_precision_follows_the_probe_not_the_machine(monkeypatch, native):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert training_dtype(CPU, mixed_precision=True) == expected
+    assert training_dtype(CPU, mixed_precision=False) == torch.float32
+    assert precision_name(expected) == ("bf16 mixed" if native else "float32")
+    with training_autocast(CPU):  # no dtype: the hardware's choice
+        assert _model(flip_tta=False).train()(torch.rand(4, 1, 28, 28)).dtype == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_either_training_precision_runs_on_any_cpu_and_inference_stays_float32(dtype):
+    # bf16 autocast works on CPUs without native bf16 (emulated), so both paths run everywhere.
     model = _model(flip_tta=False).train()
     x = torch.rand(4, 1, 28, 28)
-    with training_autocast(CPU, enabled=False):
-        assert model(x).dtype == torch.float32
-    with training_autocast(CPU, enabled=True):
-        expected = torch.bfloat16 if native_bf16(CPU) else torch.float32
-        assert model(x).dtype == expected
+    with training_autocast(CPU, dtype):
+        assert model(x).dtype == dtype
     assert predict_logits(model.eval(), torch.zeros((2, 1, 28, 28), dtype=torch.uint8), CPU).dtype == torch.float32
 
 
