@@ -3,7 +3,8 @@
 Thumbnails are inline (base64 JPEG data URIs), so the page works from a mail attachment
 or a USB stick with no server. Each row has a select of the class names and ``other``;
 choices are kept in the browser's localStorage (a reload loses nothing), and a button
-downloads them as ``image_id,path,correct_label`` CSV, which ``learn`` reads.
+downloads them as ``image_id,path,correct_label,why`` CSV, which ``learn`` reads
+(``why`` tells it which rows are the random slice).
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ for (const sel of document.querySelectorAll("select.label")) {{
 }}
 function csvField(s) {{ return /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }}
 function labelsCsv() {{
-  const lines = ["image_id,path,correct_label"];
+  const lines = ["image_id,path,correct_label,why"];
   for (const tr of document.querySelectorAll("#review tbody tr")) {{
     const value = tr.querySelector("select.label").value;
-    lines.push([tr.dataset.id, tr.dataset.path, value].map(csvField).join(","));
+    lines.push([tr.dataset.id, tr.dataset.path, value, tr.dataset.why].map(csvField).join(","));
   }}
   return lines.join("\\r\\n") + "\\r\\n";
 }}
@@ -90,7 +91,8 @@ def write_review_html(out: Path, items: Sequence[ReviewItem], classes: Sequence[
                if jpeg is not None else "(no preview)")
         topk = ", ".join(f"{html.escape(label)} {score:.2f}" for label, score in item.topk)
         rows.append(
-            f'<tr data-id="{html.escape(item.image_id)}" data-path="{html.escape(item.path)}">'
+            f'<tr data-id="{html.escape(item.image_id)}" data-path="{html.escape(item.path)}" '
+            f'data-why="{html.escape(item.why)}">'
             f'<td>{img}</td><td><select class="label"></select></td><td>{html.escape(item.label)}</td>'
             f"<td>{item.confidence:.3f}</td><td>{topk}</td><td>{html.escape(item.why)}</td>"
             f'<td>{html.escape(item.image_id)}</td><td class="path">{html.escape(item.path)}</td></tr>'

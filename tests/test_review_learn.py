@@ -354,6 +354,7 @@ document.body.appendChild(pre);
     rows = read_review_rows(downloaded)
     assert len(rows) == 10
     assert [r.correct_label for r in rows][:3] == ["Coat", "", "other"]
+    assert {r.why for r in rows} == {"random", "uncertain"}  # learn knows the random slice
     assert {r.path for r in rows} <= set(pd.read_parquet(page.parent / "tags.parquet")["path"])
 
 
