@@ -174,7 +174,7 @@ def _looks_like_csv(path: Path) -> bool:
     return "," in first or ";" in first or "\t" in first
 
 
-def _header_columns(names: Sequence[Any], where: str) -> dict[str, int]:
+def _header_columns(names: Sequence[Any]) -> dict[str, int]:
     columns: dict[str, int] = {}
     for j, name in enumerate(names):
         key = _norm(name)
@@ -199,7 +199,7 @@ def _read_xlsx(path: Path) -> list[ReviewRow]:
     sheets += [ws for ws in wb.worksheets if ws.title != REVIEW_SHEET and ws.sheet_state == "visible"]
     for ws in sheets:
         for r, values in enumerate(ws.iter_rows(max_row=HEADER_SEARCH_ROWS, values_only=True), start=1):
-            columns = _header_columns(values, f"{path}")
+            columns = _header_columns(values)
             if "path" in columns and "correct_label" in columns:
                 return _rows_below(path, ws, r, columns)
     raise _missing_header(path)
@@ -226,7 +226,7 @@ def _read_csv(path: Path) -> list[ReviewRow]:
         raise _missing_header(path) from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot read {path} as a CSV file: {exc}") from exc
-    columns = _header_columns(list(frame.columns), str(path))
+    columns = _header_columns(list(frame.columns))
     if "path" not in columns or "correct_label" not in columns:
         raise _missing_header(path)
     rows = []

@@ -135,6 +135,12 @@ def test_uncertain_part_favours_low_confidence_and_covers_every_class() -> None:
     assert sum(labels[i] == "Shirt" for i in uncertain) > 100
     assert choose(frame, 200, 0.25, seed=0) == picks  # seeded
 
+    # The same photo twice (same sha256, tag --hash) is asked once.
+    twins = frame.iloc[:20].copy()
+    twins["sha256"] = ["a" * 64] * 10 + [None] * 10
+    picks = choose(twins.reset_index(drop=True), 20, 0.0, seed=0)
+    assert len(picks) == 11
+
 
 def test_review_excludes_photos_already_reviewed(run_cli, workbook: Path, tags: Path, tmp_path: Path) -> None:
     out = tmp_path / "second.xlsx"
