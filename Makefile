@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup data run test bundled-model sample-catalog clean help
+.PHONY: setup data tools run test bundled-model sample-catalog clean help
 
 help:
 	@echo "make run    tag sample_catalog/ with the bundled model into tags.parquet"
@@ -32,7 +32,17 @@ data:
 run: setup
 	$(BIN)/catalog-tagger tag sample_catalog --out tags.parquet
 
-test: setup data
+# Real programs for the tests of what users open: a browser for the review page, a
+# spreadsheet program for the review workbook (Debian packages; nothing else downloads).
+tools:
+	@if command -v chromium >/dev/null && command -v soffice >/dev/null; then \
+	  echo "chromium, LibreOffice Calc: found"; \
+	else \
+	  echo "installing the Debian packages chromium and libreoffice-calc"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium libreoffice-calc; \
+	fi
+
+test: setup data tools
 	$(BIN)/python -m pytest -q
 
 # Re-train the model shipped inside the package (its card records this command).
