@@ -166,22 +166,18 @@ def test_review_threshold_marks_uncertain_and_failed_rows(run_cli, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "code", "message"),
+    ("args", "out_name", "code", "message"),
     [
-        (["/no/such/folder"], 5, "source not found"),
-        ([str(SAMPLE / "labels.csv"), "--path-col", "nope"], 5, "no column 'nope'"),
-        ([str(SAMPLE), "--out-name-placeholder"], 2, None),
+        (["/no/such/folder"], "x.parquet", 5, "source not found"),
+        ([str(SAMPLE / "labels.csv"), "--path-col", "nope"], "x.parquet", 5, "no column 'nope'"),
+        ([str(SAMPLE)], "tags.txt", 2, "cannot tell the output format"),
     ],
 )
-def test_run_level_problems_exit_before_work_with_one_clear_line(run_cli, tmp_path, args, code, message):
-    if args[-1] == "--out-name-placeholder":
-        result = run_cli("tag", args[0], "--out", tmp_path / "tags.txt")
-        message = "cannot tell the output format"
-    else:
-        result = run_cli("tag", *args, "--out", tmp_path / "x.parquet")
+def test_run_level_problems_exit_before_work_with_one_clear_line(run_cli, tmp_path, args, out_name, code, message):
+    result = run_cli("tag", *args, "--out", tmp_path / out_name)
     assert result.exit_code == code
     assert message in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "x.parquet").exists()
+    assert list(tmp_path.iterdir()) == []  # no output, summary, lock or parts folder
 
 
 def test_invalid_model_exits_with_the_model_code(run_cli, tmp_path):
