@@ -45,6 +45,10 @@ tools:
 test: setup data tools
 	$(BIN)/python -m pytest -q
 
+# For development: everything but the tests marked slow (training or evaluating on full data).
+quick: setup data tools
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # Re-train the model shipped inside the package (its card records this command).
 bundled-model: setup data
 	$(BIN)/catalog-tagger train --out runs/fashion-garment-cnn --epochs 72 --seed 0 --no-mixed-precision

@@ -12,6 +12,8 @@ from PIL import Image
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.synth import render_catalog_photo
 
+pytestmark = pytest.mark.slow  # the bundled model on all 10,000 test images
+
 
 @pytest.fixture(scope="module")
 def evaluated(run_cli_module, tmp_path_factory):
