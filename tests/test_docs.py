@@ -169,6 +169,14 @@ def test_quick_start_is_the_two_make_commands():
     assert "make run" in quick and "make test" in quick
 
 
+def test_every_make_target_in_the_readme_exists():
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    mentioned = set(re.findall(r"`make ([\w-]+)`|^make ([\w-]+)", README, re.M))
+    names = {name for pair in mentioned for name in pair if name}
+    assert {"run", "test"} <= names and names <= targets, sorted(names - targets)
+
+
 def test_readme_is_a_users_document():
     assert len(README) < 15_000, f"README is {len(README):,} characters; move evidence to docs/"
     for link in re.findall(r"\]\((docs/[^)#]+)", README):
