@@ -45,16 +45,28 @@ def reference(catalog, tmp_path_factory) -> pd.DataFrame:
     return _rows(out)
 
 
+def _kill_after(proc: subprocess.Popen, parts: Path, finished_shards: int, timeout: float = 300.0) -> None:
+    """SIGKILL ``proc`` as soon as ``parts`` holds ``finished_shards`` shards (or it has exited)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if finished_shards == 0 or (parts.is_dir() and len(list(parts.glob("shard-*.parquet"))) >= finished_shards):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_random_sigkills_then_resume_always_equal_an_uninterrupted_run(catalog, reference, tmp_path):
     rng = random.Random(7)
     args = ("--shard-size", "4", "--batch-size", "4", "--workers", "1")
     killed_mid_run = 0
+    shards = -(-len(list(catalog.iterdir())) // 4)
     for trial in range(TRIALS):
         out = tmp_path / f"t{trial}.parquet"
         proc = subprocess.Popen(_cmd(catalog, "--out", out, *args), stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 6.0))  # anywhere from start-up to the final write
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        # Anywhere from start-up to the final write, counted in finished shards, not seconds,
+        # so the kills land inside runs on a fast machine and a slow one alike.
+        _kill_after(proc, out.with_name(out.name + ".parts"), rng.randint(0, shards))
         killed_mid_run += not out.exists()
         subprocess.run(_cmd(catalog, "--out", out, *args, "--resume"), check=True)
         pd.testing.assert_frame_equal(_rows(out), reference)
