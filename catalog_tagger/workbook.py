@@ -84,6 +84,11 @@ def write_review_workbook(out: Path, items: Sequence[ReviewItem], classes: Seque
             values += [label, round(score, 4) if score is not None else None]
         values += [item.why, item.image_id, item.path]
         ws.append(values)
+        for cell in ws[r]:
+            # openpyxl stores text starting with "=" as a formula; a file name or id such as
+            # =HYPERLINK(...) must stay text that a spreadsheet shows and never runs.
+            if isinstance(cell.value, str) and cell.value.startswith("="):
+                cell.data_type = "s"
         ws.row_dimensions[r].height = row_height
         if jpeg is not None:
             image = XLImage(io.BytesIO(jpeg))

@@ -494,3 +494,21 @@ def test_train_never_overwrites_a_model_unless_asked(tmp_path, tiny_data_dir, mo
     # The card names the weights it vouches for; the replaced weights are gone.
     assert sorted(p.name for p in model_copy.glob("*.safetensors")) == [card["weights_file"]]
     assert cli("tag", SAMPLE / "images" / "broken", "--model", model_copy, "--out", tmp_path / "t.parquet").returncode == 0
+
+
+def test_a_review_workbook_keeps_formula_like_names_as_text(tmp_path):
+    from openpyxl import load_workbook
+
+    images = tmp_path / "images"
+    images.mkdir()
+    hostile = "=HYPERLINK(\"http:x\",\"click\")a.jpg"
+    shutil.copy(SAMPLE / GOOD[0], images / hostile)
+    shutil.copy(SAMPLE / GOOD[2], images / "plain.jpg")
+    tags = tmp_path / "tags.parquet"
+    assert cli("tag", images, "--out", tags, "--workers", "0").returncode == 0
+    book = tmp_path / "review.xlsx"
+    proc = cli("review", tags, "--budget", "2", "--out", book)
+    assert proc.returncode == 0, proc.stderr
+    cells = [c for row in load_workbook(book).worksheets[0].iter_rows() for c in row
+             if isinstance(c.value, str) and hostile in c.value]
+    assert cells and all(c.data_type == "s" and c.value.endswith(hostile) for c in cells), [(c.data_type, c.value) for c in cells]
