@@ -66,7 +66,8 @@ class LoadedModel:
                 f"+cal:{hashlib.sha256(calibration).hexdigest()[:8]}")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The file's sha256 in hex, read in 1 MiB blocks; OSError when it cannot be read."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -20,6 +20,12 @@ _PATH_FIELDS = {"out", "data_dir", "data", "manifest", "init"}
 DEFAULT_WIDTHS: tuple[int, ...] = (24, 64, 128)
 DEFAULT_STEM_WIDTH = 16
 
+# The one registry of image files (as timm's img_extensions.py): the extensions a folder
+# walk picks up, each with the Pillow format its content should have.
+IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF",
+                                 "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMAGE_FORMATS)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -109,7 +115,7 @@ class TagConfig:
     # When set, the review threshold is read from the model card's calibration table.
     target_precision: float | None = None
     format: str | None = None
-    extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     path_col: str = "path"
     id_col: str | None = None
     # Manifest paths resolve against this folder and may not leave it.

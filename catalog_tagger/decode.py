@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import IMAGE_FORMATS
 from .model import ModelConfig
 from .preprocess import to_model_array
 
@@ -26,8 +27,10 @@ from .preprocess import to_model_array
 Image.MAX_IMAGE_PIXELS = None
 
 STATUSES = ("ok", "missing", "unreadable", "unsupported", "too_large", "empty")
-# Pillow can decode these; anything else it identifies is "unsupported".
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "DIB"})
+# Pillow can decode these; anything else it identifies is "unsupported". MPO (a camera
+# JPEG carrying a second picture) and DIB (a BMP without its file header) are how Pillow
+# names variants of registered kinds.
+SUPPORTED_FORMATS = frozenset(IMAGE_FORMATS.values()) | {"MPO", "DIB"}
 _INT32_MAX = 2**31 - 1
 # EXIF orientations 5-8 swap width and height.
 _TRANSPOSED = {5, 6, 7, 8}

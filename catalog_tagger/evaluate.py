@@ -11,11 +11,10 @@ from .checkpoint import load_model, output_folder
 from .config import EvalConfig
 from .data.fashion_mnist import load_split
 from .data.labeled import LabeledArrays, load_labeled
-from .tagging import default_workers
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES
 from .calibration import expected_calibration_error, softmax
-from .runtime import predict_logits_array, prepare_model, resolve_device
+from .runtime import predict_logits_array, prepare_model, resolve_device, resolve_workers
 
 
 def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]:
@@ -33,7 +32,7 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
     model = prepare_model(loaded.model, device)
     if own:
         test = load_labeled(config.data, config.manifest, loaded.config, config.path_col, config.label_col,
-                            classes=loaded.classes, workers=default_workers() if config.workers is None else config.workers,
+                            classes=loaded.classes, workers=resolve_workers(config.workers),
                             progress=progress, min_classes=1)
         dataset = {"name": str(config.data or config.manifest), "skipped_images": len(test.skipped)}
     else:

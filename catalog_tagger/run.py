@@ -44,10 +44,10 @@ from .incremental import PreviousOutput
 from .precision_check import PrecisionCheck, check_target_precision
 from .outputs import (RUN_STATE, lock_path, open_lock, owned_parts, parts_dir, refuse_foreign_parts, refuse_inputs,
                       resolve_output, summary_path)
-from .runtime import resolve_device
+from .runtime import resolve_device, resolve_workers
 from .schema import SCHEMA_VERSION, output_schema
 from .sources import Record, open_source
-from .tagging import Tagger, TagSettings, default_workers
+from .tagging import Tagger, TagSettings
 from .writers import WRITERS, format_for, open_writer
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
     previous = (PreviousOutput.load(config.incremental, loaded.ident, config.hash, threshold, config.top_k)
                 if config.incremental else None)
     settings = TagSettings(batch_size=config.batch_size,
-                           workers=default_workers() if config.workers is None else config.workers,
+                           workers=resolve_workers(config.workers),
                            top_k=config.top_k, review_threshold=threshold,
                            max_pixels=config.max_pixels, hash=config.hash, time_limit=config.time_limit)
     metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import platform
 from collections.abc import Iterator
 
@@ -24,6 +25,24 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
+
+
+def default_workers() -> int:
+    """One decoding process per core the scheduler gives us.
+
+    Not capped: on CPU each worker also runs the model on its own batches, and with a GPU
+    the decoders are what limits throughput, so every core is worth a worker.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int | None) -> int:
+    """The number of decoding processes: ``workers`` as given (0: decode in this process),
+    or one per available core when not given (``--workers`` left unset)."""
+    return default_workers() if workers is None else workers
 
 
 # On CPU the network runs fastest on batches whose activations stay in the cache: at
