@@ -44,6 +44,9 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
     # Set when the record must not be opened at all: (status, message) for its row.
     problem: tuple[str, str] | None = None
+    # Training and evaluation data only: the class name (its sub-folder or label cell);
+    # None when the record has none.
+    label: str | None = None
 
 
 @dataclass
@@ -81,9 +84,13 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def walk_folder(root: Path, extensions: tuple[str, ...]) -> Iterator[Record]:
+def walk_folder(root: Path, extensions: tuple[str, ...], label_by_folder: bool = False) -> Iterator[Record]:
     """Files under ``root`` with a wanted extension, hidden ones skipped, in sorted-name
     depth-first order (a sub-folder's files come where its name sorts).
+
+    With ``label_by_folder`` (an image-folder dataset, one sub-folder per class), each
+    record's label is the name of the sub-folder of ``root`` it lies in, at any depth, and
+    files directly in ``root`` are no records: they belong to no class.
 
     Linked folders are followed, except a link back into the folders being walked. A
     sub-folder that cannot be listed becomes one "unreadable" row rather than a silent
@@ -95,15 +102,18 @@ def walk_folder(root: Path, extensions: tuple[str, ...]) -> Iterator[Record]:
         top = _list_folder(root_abs)
     except OSError as exc:
         raise SourceError(f"cannot read folder {root}: {exc.strerror or exc}") from exc
-    return _walk(root_abs, top, {e.lower().lstrip(".") for e in extensions})
+    return _walk(root_abs, top, {e.lower().lstrip(".") for e in extensions}, label_by_folder)
 
 
-def _walk(root: str, top: list[os.DirEntry], wanted: set[str]) -> Iterator[Record]:
+def _walk(root: str, top: list[os.DirEntry], wanted: set[str], label_by_folder: bool) -> Iterator[Record]:
     ordinal = 0
-    # Each level: its remaining entries and the folder's (device, inode), to spot link loops.
-    stack = [(iter(top), _folder_identity(root))]
+    # Each level: its remaining entries, the folder's (device, inode) to spot link loops, and
+    # (with label_by_folder) the class sub-folder it lies in, None at the root.
+    stack: list[tuple[Iterator[os.DirEntry], tuple[int, int] | None, str | None]] = [
+        (iter(top), _folder_identity(root), None)]
     while stack:
-        entry = next(stack[-1][0], None)
+        entries, _, label = stack[-1]
+        entry = next(entries, None)
         if entry is None:
             stack.pop()
             continue
@@ -112,14 +122,17 @@ def _walk(root: str, top: list[os.DirEntry], wanted: set[str]) -> Iterator[Recor
             if identity is not None and identity in {level[1] for level in stack}:
                 log.warning("skipping %s: it links back to a folder that contains it", entry.path)
                 continue
+            folder_label = (entry.name if label is None else label) if label_by_folder else None
             try:
-                stack.append((iter(_list_folder(entry.path)), identity))
+                stack.append((iter(_list_folder(entry.path)), identity, folder_label))
             except OSError as exc:
                 yield Record(ordinal, _relative(entry.path, root), entry.path,
-                             problem=("unreadable", f"cannot list folder: {exc.strerror or exc}"))
+                             problem=("unreadable", f"cannot list folder: {exc.strerror or exc}"), label=folder_label)
                 ordinal += 1
         elif "." in entry.name and entry.name.rsplit(".", 1)[-1].lower() in wanted:
-            yield Record(ordinal, _relative(entry.path, root), entry.path)
+            if label_by_folder and label is None:
+                continue
+            yield Record(ordinal, _relative(entry.path, root), entry.path, label=label)
             ordinal += 1
 
 
@@ -162,7 +175,8 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path) -> dict[str, str]:
+def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path,
+                      label_col: str | None = None) -> dict[str, str]:
     """The pass-through columns: manifest name -> output name."""
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
@@ -173,17 +187,31 @@ def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, man
                           "choose one with --path-col")
     if id_col is not None and id_col not in columns:
         raise SourceError(f"manifest {manifest} has no column {id_col!r} for --id-col")
-    return pass_through_names([c for c in columns if c not in (path_col, id_col)])
+    if label_col is not None and label_col not in columns:
+        raise SourceError(f"manifest {manifest} has no column {label_col!r} (columns: {', '.join(columns)}); "
+                          "choose one with --label-col")
+    return pass_through_names([c for c in columns if c not in (path_col, id_col, label_col)])
+
+
+# Label cells that mean "no label" (pandas and spreadsheets write missing values so).
+_NO_LABEL = {"", "nan", "none", "null"}
+
+
+def _label(value: Any) -> str | None:
+    """A label cell, stripped; None for an empty or missing one."""
+    text = "" if _missing(value) else str(value).strip()
+    return None if text.lower() in _NO_LABEL else text
 
 
 def _record(ordinal: int, row: dict[str, Any], path_col: str, id_col: str | None, base: str,
-            extras: dict[str, str], confined: bool) -> Record:
+            extras: dict[str, str], confined: bool, label_col: str | None = None) -> Record:
     raw_path = row[path_col]
     path, problem = _resolve(raw_path, base, confined)
     image_id = row.get(id_col) if id_col else None
     if _missing(image_id) or str(image_id) == "":
         image_id = "" if _missing(raw_path) else str(raw_path)
-    return Record(ordinal, str(image_id), path, {name: row[c] for c, name in extras.items()}, problem)
+    label = _label(row[label_col]) if label_col is not None else None
+    return Record(ordinal, str(image_id), path, {name: row[c] for c, name in extras.items()}, problem, label)
 
 
 def _base_folder(manifest: Path, root: Path | None) -> str:
@@ -191,14 +219,16 @@ def _base_folder(manifest: Path, root: Path | None) -> str:
     return os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(manifest))
 
 
-def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None) -> Source:
+def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None,
+                      label_col: str | None = None) -> Source:
     """CSV rows read in chunks; every pass-through column stays text, exactly as written
-    (a SKU like 00123 must not become the number 123)."""
+    (a SKU like 00123 must not become the number 123). With ``label_col``, each record's
+    label is read from that column (which then is no pass-through column)."""
     try:
         header = pd.read_csv(manifest, nrows=0, encoding="utf-8-sig").columns.tolist()
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
-    extras = _manifest_columns(header, path_col, id_col, manifest)
+    extras = _manifest_columns(header, path_col, id_col, manifest, label_col)
     base = _base_folder(manifest, root)
 
     def records() -> Iterator[Record]:
@@ -208,7 +238,7 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: P
         try:
             for chunk in reader:
                 for row in chunk.to_dict("records"):
-                    yield _record(ordinal, row, path_col, id_col, base, extras, root is not None)
+                    yield _record(ordinal, row, path_col, id_col, base, extras, root is not None, label_col)
                     ordinal += 1
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
             # Found mid-run: the shards before this point stay committed for --resume.
@@ -218,8 +248,10 @@ def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: P
     return Source(records(), schema, "manifest", str(manifest))
 
 
-def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None) -> Source:
+def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None,
+                          label_col: str | None = None) -> Source:
     """Parquet rows streamed batch by batch; pass-through columns keep their Arrow types.
+    ``label_col`` as for ``read_csv_manifest``.
 
     Memory stays bounded whatever the file claims: text columns are read dictionary-encoded,
     and every batch is checked for oversized cells before it is expanded into rows.
@@ -230,7 +262,7 @@ def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None, roo
         parquet = pq.ParquetFile(manifest, read_dictionary=text_columns)
     except (OSError, pa.ArrowException) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
-    extras = _manifest_columns(schema.names, path_col, id_col, manifest)
+    extras = _manifest_columns(schema.names, path_col, id_col, manifest, label_col)
     base = _base_folder(manifest, root)
 
     def records() -> Iterator[Record]:
@@ -239,7 +271,7 @@ def read_parquet_manifest(manifest: Path, path_col: str, id_col: str | None, roo
             for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH):
                 _check_cells(batch, manifest, ordinal)
                 for row in _decoded(batch).to_pylist():
-                    yield _record(ordinal, row, path_col, id_col, base, extras, root is not None)
+                    yield _record(ordinal, row, path_col, id_col, base, extras, root is not None, label_col)
                     ordinal += 1
         except (OSError, pa.ArrowException, MemoryError) as exc:
             raise SourceError(f"manifest {manifest} is unreadable after row {ordinal}: {exc}") from exc
@@ -268,6 +300,16 @@ def _check_cells(batch: pa.RecordBatch, manifest: Path, ordinal: int) -> None:
 def _decoded(batch: pa.RecordBatch) -> pa.RecordBatch:
     columns = [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in batch.columns]
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def read_manifest(manifest: Path, path_col: str = "path", id_col: str | None = None, root: Path | None = None,
+                  label_col: str | None = None) -> Source:
+    """A .parquet/.pq manifest read as Parquet, any other file as CSV."""
+    if root is not None and not Path(root).is_dir():
+        raise SourceError(f"--root {root} is not a folder")
+    if MANIFEST_SUFFIXES.get(Path(manifest).suffix.lower()) == "parquet":
+        return read_parquet_manifest(manifest, path_col, id_col, root, label_col)
+    return read_csv_manifest(manifest, path_col, id_col, root, label_col)
 
 
 def open_source(source: Path, extensions: tuple[str, ...], path_col: str = "path",
