@@ -32,7 +32,8 @@ from .run import (Summary, check_inputs, check_not_shrunk, chunks, commit_shard,
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema, rows_to_table
 from .sources import open_source
-from .tagging import Collate, Tagger, TagSettings, decode_record
+from .batches import Collate, DecodedItem, DecodeSettings, decode_record
+from .tagging import Tagger, TagSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,24 @@ def _import_ray() -> Any:
     return ray
 
 
-def _decode_batch(batch: dict[str, np.ndarray], config: ModelConfig, settings: TagSettings) -> dict[str, Any]:
-    """CPU task: decode a batch of records; failures become items with a status."""
-    items, arrays = [], []
-    for record in batch["record"]:
-        item = decode_record(record, config, settings)
-        arrays.append(item.pop("array"))
-        items.append(item)
+def _object_column(values: list[Any]) -> np.ndarray:
+    """``values`` as a 1-D object array, one cell each (np.array would stack equal-shaped
+    arrays into one N-D array)."""
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        column[i] = value
+    return column
+
+
+def _decode_batch(batch: dict[str, np.ndarray], config: ModelConfig, settings: DecodeSettings) -> dict[str, Any]:
+    """CPU task: decode a batch of records; failures become items with a status.
+
+    Each item travels as two columns, its facts and its array, so that Ray can carry the
+    arrays as a tensor column rather than as pickled objects.
+    """
+    decoded = [decode_record(record, config, settings, i) for i, record in enumerate(batch["record"])]
     return {"shard": batch["shard"], "ordinal": batch["ordinal"], "record": batch["record"],
-            "item": np.array(items, dtype=object), "array": np.array(arrays + [None], dtype=object)[:-1]}
+            "info": _object_column([d.info for d in decoded]), "array": _object_column([d.array for d in decoded])}
 
 
 class _Predictor:
@@ -69,9 +79,9 @@ class _Predictor:
         self.schema = schema
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        decoded = [dict(item, array=array) for item, array in zip(batch["item"], batch["array"])]
-        stacked, _, items = Collate()(decoded)
-        rows = self.tagger.rows_for(list(batch["record"]), items, self.tagger.logits(stacked))
+        # Collate takes a missing array whatever form the column brought it in (None or NaN).
+        decoded = [DecodedItem(info, array) for info, array in zip(batch["info"], batch["array"])]
+        rows = self.tagger.rows_for(list(batch["record"]), Collate()(decoded))
         table = rows_to_table(rows, self.schema)
         return table.append_column("shard", pa.array(batch["shard"].astype(np.int64))) \
                     .append_column("ordinal", pa.array(batch["ordinal"].astype(np.int64)))
@@ -132,7 +142,7 @@ def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, setti
     if pending:
         device = "cuda" if num_gpus_per_worker > 0 else "cpu"
         ds = ray.data.from_items(pending).map_batches(
-            _decode_batch, fn_kwargs={"config": loaded.config, "settings": settings},
+            _decode_batch, fn_kwargs={"config": loaded.config, "settings": settings.decode},
             batch_size=64, batch_format="numpy")
         ds = ds.map_batches(
             _Predictor, fn_constructor_kwargs={"model_path": str(config.model) if config.model else None,

@@ -1,56 +1,51 @@
 """The tagging core: one shard of records -> one table of output rows.
 
 Decoding runs in DataLoader worker processes (one file at a time, every failure turned
-into a status); the model runs on whole batches, in those workers on CPU and in the main
-process on a GPU (see ``Collate``). Nothing here knows of resume, locks or output files,
-so a distributed engine can call it on its own shards.
+into a status, see ``batches``); the model runs on whole batches, in those workers on CPU
+and in the main process on a GPU (see ``batches.Collate``). Nothing here knows of resume,
+locks or output files, so a distributed engine can call it on its own shards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from .batches import Batch, Collate, DecodeDataset, DecodeSettings, ItemInfo
+from .batches import file_sha256 as file_sha256  # re-exported: incremental.py compares hashes with it
 from .checkpoint import LoadedModel
-from .decode import decode_file
-from .model import ModelConfig
+from .config import TagConfig
+from .runtime import default_workers as default_workers  # re-exported for older imports (review, learn)
 from .runtime import predict_logits, prepare_model
 from .schema import rows_to_table
 from .sources import Record
 
+_DEFAULTS = TagConfig()
+
 
 @dataclass(frozen=True)
 class TagSettings:
-    batch_size: int = 256
+    """What every row of a run depends on besides the model; defaults from ``config.TagConfig``
+    (``workers`` 0: decode in this process)."""
+
+    batch_size: int = _DEFAULTS.batch_size
     workers: int = 0
-    top_k: int = 3
-    review_threshold: float = 0.5
-    max_pixels: int = 64_000_000
-    hash: bool = False
-    time_limit: float | None = 30.0
+    top_k: int = _DEFAULTS.top_k
+    review_threshold: float = _DEFAULTS.review_threshold
+    max_pixels: int = _DEFAULTS.max_pixels
+    hash: bool = _DEFAULTS.hash
+    time_limit: float | None = _DEFAULTS.time_limit
 
-
-def default_workers() -> int:
-    """One decoding process per core the scheduler gives us.
-
-    Not capped: on CPU each worker also runs the model on its own batches, and with a GPU
-    the decoders are what limits throughput, so every core is worth a worker.
-    """
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    @property
+    def decode(self) -> DecodeSettings:
+        return DecodeSettings(max_pixels=self.max_pixels, time_limit=self.time_limit, hash=self.hash)
 
 
 def worker_loads(n: int, batch_size: int, workers: int) -> list[int]:
@@ -75,75 +70,6 @@ def even_batch_size(n: int, batch_size: int, workers: int) -> int:
     return even if slowest < max(worker_loads(n, batch_size, workers)) else batch_size
 
 
-def file_sha256(path: str) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
-class DecodeDataset(Dataset):
-    """Records decoded one by one in worker processes; never raises for a bad file."""
-
-    def __init__(self, records: Sequence[Record], config: ModelConfig, settings: TagSettings) -> None:
-        self.records = records
-        self.config = config
-        self.settings = settings
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"index": index, **decode_record(self.records[index], self.config, self.settings)}
-
-
-def decode_record(record: Record, config: ModelConfig, settings: TagSettings) -> dict[str, Any]:
-    """One record -> its status, metadata and (when ok) model input array; never raises."""
-    if record.problem is not None:
-        status, error = record.problem
-        return {"status": status, "error": error, "array": None}
-    decoded = decode_file(record.path, config, settings.max_pixels, settings.time_limit)
-    item = dict(decoded.__dict__)
-    if settings.hash and decoded.file_size:
-        item["sha256"] = file_sha256(record.path)
-    return item
-
-
-# (stacked uint8 arrays or None, logits or None, per-item metadata); at most one of the
-# first two is set: the arrays when the model still has to run on them.
-CollatedBatch = tuple[torch.Tensor | None, torch.Tensor | None, list[dict[str, Any]]]
-
-
-class Collate:
-    """Turns a list of decoded items into one batch: the stacked arrays of the good images,
-    everyone's metadata and, when given a CPU ``model``, its logits for the stack.
-
-    DataLoader calls this in the worker that decoded the items. On CPU that puts the whole
-    chain decode -> preprocess -> model in each worker, one core each, instead of a model
-    process competing with the decoders for the same cores; a GPU model stays in the main
-    process (CUDA cannot be used from forked workers).
-    """
-
-    def __init__(self, model: nn.Module | None = None) -> None:
-        self.model = model
-
-    def __call__(self, items: list[dict[str, Any]]) -> CollatedBatch:
-        # Only real arrays count: a batch that crossed a process boundary as a column may
-        # carry its missing images as NaN rather than None (Ray does, for all-missing batches).
-        arrays = [a if isinstance(a, np.ndarray) else None for a in (item.pop("array") for item in items)]
-        good = [a for a in arrays if a is not None]
-        for item, array in zip(items, arrays):
-            item["has_array"] = array is not None
-        batch = torch.from_numpy(np.stack(good)) if good else None
-        if batch is not None and self.model is not None:
-            return None, predict_logits(self.model, batch, torch.device("cpu")), items
-        return batch, None, items
-
-
 class Tagger:
     """A loaded model on its device plus the settings every row depends on."""
 
@@ -156,9 +82,12 @@ class Tagger:
         self.classes = loaded.classes
         self.top_k = max(1, min(settings.top_k, len(self.classes)))
 
-    def logits(self, batch: torch.Tensor | None) -> torch.Tensor | None:
-        """The model's logits for a stacked uint8 batch (None for no batch)."""
-        return predict_logits(self.model, batch, self.device) if batch is not None else None
+    def logits(self, batch: Batch) -> torch.Tensor | None:
+        """The model's logits for the batch's images: computed already by ``Collate`` on
+        CPU, computed here otherwise (None for a batch without images)."""
+        if batch.logits is not None:
+            return batch.logits
+        return predict_logits(self.model, batch.images, self.device) if batch.images is not None else None
 
     def _ok_rows(self, logits: torch.Tensor) -> list[dict[str, Any]]:
         probs = torch.softmax(logits / self.loaded.temperature, dim=1)
@@ -177,7 +106,7 @@ class Tagger:
         """Decode and classify ``records``; one row per record, in their order."""
         rows: list[dict[str, Any] | None] = [None] * len(records)
         if records:
-            dataset = DecodeDataset(records, self.loaded.config, self.settings)
+            dataset = DecodeDataset(records, self.loaded.config, self.settings.decode)
             workers = min(self.settings.workers, math.ceil(len(records) / self.settings.batch_size))
             on_cpu = self.device.type == "cpu"
             loader = DataLoader(
@@ -188,41 +117,40 @@ class Tagger:
                 # Workers get a fresh interpreter state cheaply by fork where available.
                 multiprocessing_context="fork" if workers and "fork" in _start_methods() else None,
             )
-            for batch, logits, items in loader:
-                logits = logits if logits is not None else self.logits(batch)
-                for item, row in zip(items, self.rows_for([records[i["index"]] for i in items], items, logits)):
-                    rows[item["index"]] = row
+            for batch in loader:
+                for item, row in zip(batch.items, self.rows_for([records[i.index] for i in batch.items], batch)):
+                    rows[item.index] = row
                 if on_batch is not None:
-                    on_batch(len(items))
+                    on_batch(len(batch.items))
         return rows_to_table(rows, schema)  # type: ignore[arg-type]
 
-    def rows_for(self, records: Sequence[Record], items: Sequence[dict[str, Any]],
-                 logits: torch.Tensor | None) -> list[dict[str, Any]]:
-        """Output rows for decoded ``items`` (one per record, with ``has_array`` set) and
-        ``logits``, the model's output for the items that have an array, in order."""
+    def rows_for(self, records: Sequence[Record], batch: Batch) -> list[dict[str, Any]]:
+        """Output rows for a decoded ``batch`` of ``records`` (one item per record, in order);
+        the model runs on the batch's images unless ``Collate`` ran it already."""
         tagged_at = datetime.now(timezone.utc)
+        logits = self.logits(batch)
         predictions = iter(self._ok_rows(logits)) if logits is not None else iter(())
         rows = []
-        for record, item in zip(records, items):
+        for record, item, has_array in zip(records, batch.items, batch.has_array):
             row = self._base_row(record, item, tagged_at)
-            if item["has_array"]:
+            if has_array:
                 row.update(next(predictions))
             rows.append(row)
         return rows
 
-    def _base_row(self, record: Record, item: dict[str, Any], tagged_at: datetime) -> dict[str, Any]:
+    def _base_row(self, record: Record, item: ItemInfo, tagged_at: datetime) -> dict[str, Any]:
         row = {
             "image_id": record.image_id,
             "path": record.path,
-            "status": item["status"],
-            "error": item.get("error"),
+            "status": item.status,
+            "error": item.error,
             # A file we could not read needs a person as much as an unsure label does.
             "needs_review": True,
-            "width": item.get("width"),
-            "height": item.get("height"),
-            "file_size": item.get("file_size"),
-            "mtime": item.get("mtime_us"),  # integer microseconds: exact, so --incremental can compare
-            "sha256": item.get("sha256"),
+            "width": item.width,
+            "height": item.height,
+            "file_size": item.file_size,
+            "mtime": item.mtime_us,  # integer microseconds: exact, so --incremental can compare
+            "sha256": item.sha256,
             "model": self.loaded.ident,
             "run_id": self.run_id,
             "tagged_at": tagged_at,

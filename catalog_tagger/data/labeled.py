@@ -1,9 +1,10 @@
 """Training and evaluation data as arrays: Fashion-MNIST, or a retailer's own labeled photos.
 
 Own photos come as an image folder (one sub-folder per class) or a manifest with a path
-and a label column. They are decoded once, in parallel, by the same decode and
-preprocessing code that tagging uses, so training sees exactly what tagging will see.
-Images that cannot be decoded are reported and skipped; they never stop training.
+and a label column, read by the same readers as tagging's sources (``sources``, with a
+label). They are decoded once, in parallel, by the same decoding dataset that tagging
+uses (``batches``), so training sees exactly what tagging will see. Images that cannot
+be decoded are reported and skipped; they never stop training.
 """
 
 from __future__ import annotations
@@ -11,23 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..errors import DataError, UsageError
+from ..batches import Collate, DecodeDataset, DecodeSettings
+from ..config import IMAGE_EXTENSIONS
+from ..errors import DataError, SourceError, UsageError
 from ..model import FASHION_MNIST_CLASSES, ModelConfig
-from ..sources import Record
+from ..sources import Record, read_manifest, walk_folder
 from .fashion_mnist import load_split, train_val_indices
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -56,85 +57,80 @@ def class_key(name: str) -> str:
 
 # Folder names that mean a dataset split, not a class: --data given the parent of train/ and val/.
 _SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
-# Label cells that mean "no label" (pandas and spreadsheets write missing values so).
-_NO_LABEL = {"", "nan", "none", "null"}
 
 
-def _from_folder(folder: Path) -> tuple[list[str], list[str]]:
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _from_folder(folder: Path, extensions: tuple[str, ...]) -> list[Record]:
+    """Every image under a class sub-folder, labeled with that sub-folder's name."""
+    try:
+        with os.scandir(folder) as it:
+            classes = sorted(e.name for e in it if not e.name.startswith(".") and _is_folder(e))
+    except OSError as exc:
+        raise DataError(f"cannot read folder {folder}: {exc.strerror or exc}") from exc
     if len(classes) >= 2 and {c.lower() for c in classes} <= _SPLIT_NAMES:
         raise DataError(f"{folder} holds dataset splits ({', '.join(classes)}), not class folders; "
                         "point --data at one split, whose sub-folders are the classes")
-    paths, names = [], []
+    records = list(walk_folder(folder, extensions, label_by_folder=True))
+    found = {r.label for r in records if r.problem is None}
     for name in classes:
-        found = 0
-        for root, dirs, files in os.walk(folder / name):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
-                    paths.append(os.path.join(root, f))
-                    names.append(name)
-                    found += 1
-        if not found:
-            raise DataError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                            "add some or remove the folder")
-    return paths, names
+        if name not in found:
+            raise DataError(f"class folder {folder / name} holds no images "
+                            f"({', '.join('.' + e for e in extensions)}); add some or remove the folder")
+    return records
 
 
-def _from_manifest(manifest: Path, path_col: str, label_col: str) -> tuple[list[str], list[str]]:
-    """All rows; a row without a label has the label ''."""
+def _is_folder(entry: os.DirEntry) -> bool:
     try:
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"cannot read manifest {manifest}: {exc}") from exc
-    for col in (path_col, label_col):
-        if col not in frame.columns:
-            raise DataError(f"manifest {manifest} has no column {col!r} (columns: {', '.join(frame.columns)})")
-    base = os.path.dirname(os.path.abspath(manifest))
-    paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in frame[path_col]]
-    labels = [s.strip() for s in frame[label_col]]
-    return paths, ["" if s.lower() in _NO_LABEL else s for s in labels]
+        return entry.is_dir()  # follows links, as the walk does
+    except OSError:
+        return False
 
 
-def list_labeled(data: Path | None, manifest: Path | None, path_col: str = "path",
-                 label_col: str = "label") -> tuple[list[str], list[str]]:
-    """(paths, label names) from an image folder or a manifest."""
+def list_labeled(data: Path | None, manifest: Path | None, path_col: str = "path", label_col: str = "label",
+                 root: Path | None = None, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Record]:
+    """The records of an image folder or a manifest (.csv, or .parquet), each with its label
+    (None for a manifest row without one). ``root`` as for tagging's manifests."""
     if (data is None) == (manifest is None):
         raise UsageError("give exactly one of --data FOLDER or --manifest FILE")
-    if data is not None:
-        if not Path(data).is_dir():
-            raise DataError(f"--data {data} is not a folder")
-        return _from_folder(Path(data))
-    return _from_manifest(Path(manifest), path_col, label_col)  # type: ignore[arg-type]
+    try:
+        if data is not None:
+            if not Path(data).is_dir():
+                raise DataError(f"--data {data} is not a folder")
+            return _from_folder(Path(data), extensions)
+        return list(read_manifest(Path(manifest), path_col, None, root, label_col).records)  # type: ignore[arg-type]
+    except SourceError as exc:  # the same problem, as training data (exit 3)
+        raise DataError(str(exc)) from exc
 
 
-def decode_paths(paths: list[str], config: ModelConfig, workers: int, progress: bool,
-                 max_pixels: int = 64_000_000) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+def decode_records(records: Sequence[Record], config: ModelConfig, workers: int, progress: bool,
+                   settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
     """Decode with the tagging decoder in worker processes: (arrays, ok mask, problems)."""
-    from ..tagging import Collate, DecodeDataset, TagSettings
-
-    records = [Record(i, p, p) for i, p in enumerate(paths)]
-    dataset = DecodeDataset(records, config, TagSettings(max_pixels=max_pixels))
+    dataset = DecodeDataset(records, config, settings)
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=Collate())
-    arrays = np.zeros((len(paths), config.channels, config.input_size, config.input_size), np.uint8)
-    ok = np.zeros(len(paths), bool)
+    arrays = np.zeros((len(records), config.channels, config.input_size, config.input_size), np.uint8)
+    ok = np.zeros(len(records), bool)
     problems = []
-    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, leave=False)
-    for batch, _, items in loader:
-        good = iter(batch.numpy()) if batch is not None else iter(())
-        for item in items:
-            if item["has_array"]:
-                arrays[item["index"]] = next(good)
-                ok[item["index"]] = True
+    bar = tqdm(total=len(records), desc="decode", unit="img", disable=not progress, leave=False)
+    for batch in loader:
+        for item, array in zip(batch.items, batch.arrays()):
+            if array is not None:
+                arrays[item.index] = array
+                ok[item.index] = True
             else:
-                problems.append({"path": paths[item["index"]], "status": item["status"], "error": item["error"]})
-        bar.update(len(items))
+                problems.append({"path": records[item.index].path, "status": item.status, "error": item.error})
+        bar.update(len(batch.items))
     bar.close()
     for p in problems[:5]:
         log.warning("skipping %s: %s (%s)", p["path"], p["status"], p["error"])
     if len(problems) > 5:
         log.warning("... and %d more images skipped", len(problems) - 5)
-    return arrays[ok], ok, problems
+    return arrays[ok], ok, problems  # type: ignore[return-value]
+
+
+def decode_paths(paths: list[str], config: ModelConfig, workers: int, progress: bool,
+                 max_pixels: int = DecodeSettings.max_pixels) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """``decode_records`` for bare paths."""
+    records = [Record(i, p, p) for i, p in enumerate(paths)]
+    return decode_records(records, config, workers, progress, DecodeSettings(max_pixels=max_pixels))
 
 
 def load_labeled(data: Path | None, manifest: Path | None, config: ModelConfig, path_col: str = "path",
@@ -146,13 +142,13 @@ def load_labeled(data: Path | None, manifest: Path | None, config: ModelConfig, 
     Training needs decodable images of ``min_classes`` classes; evaluating a known model on
     photos of one class is fine (``min_classes=1``).
     """
-    all_paths, all_names = list_labeled(data, manifest, path_col, label_col)
-    unlabeled = [{"path": p, "status": "unlabeled", "error": "no label"} for p, n in zip(all_paths, all_names) if not n]
+    records = list_labeled(data, manifest, path_col, label_col)
+    unlabeled = [{"path": r.path, "status": "unlabeled", "error": "no label"} for r in records if r.label is None]
     if unlabeled:
         log.warning("skipping %d rows without a label (first: %s)", len(unlabeled), unlabeled[0]["path"])
-    paths = [p for p, n in zip(all_paths, all_names) if n]
-    names = [n for n in all_names if n]
-    if not paths:
+    records = [r for r in records if r.label is not None]
+    names = [str(r.label) for r in records]
+    if not records:
         raise DataError("the labeled data holds no labeled images")
     derived = classes is None
     if classes is None:
@@ -162,7 +158,7 @@ def load_labeled(data: Path | None, manifest: Path | None, config: ModelConfig, 
     if unknown:
         raise DataError(f"labels not among the model's classes {list(classes)}: {unknown[:10]}")
     labels = np.array([keys[class_key(n)] for n in names], np.int64)
-    arrays, ok, problems = decode_paths(paths, config, workers, progress)
+    arrays, ok, problems = decode_records(records, config, workers, progress)
     labels = labels[ok]
     present = set(np.unique(labels).tolist())
     empty = [c for i, c in enumerate(classes) if i not in present]
