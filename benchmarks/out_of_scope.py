@@ -28,6 +28,7 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from catalog_tagger import out_of_scope as oos
 from catalog_tagger.calibration import softmax
-from catalog_tagger.checkpoint import load_model
+from catalog_tagger.checkpoint import LoadedModel, load_model
 from catalog_tagger.data.fashion_mnist import load_split, train_val_indices
 from catalog_tagger.decode import decode_file
-from catalog_tagger.model import FASHION_MNIST_CLASSES
-from catalog_tagger import out_of_scope as oos
-from catalog_tagger.out_of_scope import features_and_logits
+from catalog_tagger.model import FASHION_MNIST_CLASSES, ModelConfig
 from catalog_tagger.preprocess import to_model_array
 from catalog_tagger.runtime import prepare_model
 from catalog_tagger.synth import render_catalog_photo
@@ -62,7 +62,7 @@ class Scored:
     meta: pd.DataFrame  # columns: group (class or article), style
 
 
-def decode_folder(folder: Path, config) -> tuple[np.ndarray, pd.DataFrame]:
+def decode_folder(folder: Path, config: ModelConfig) -> tuple[np.ndarray, pd.DataFrame]:
     """Every photo in ``folder/labels.csv`` as tagging decodes it."""
     labels = pd.read_csv(folder / "labels.csv")
     settings = TagSettings()
@@ -75,7 +75,7 @@ def decode_folder(folder: Path, config) -> tuple[np.ndarray, pd.DataFrame]:
     return np.stack(arrays), labels.iloc[keep].reset_index(drop=True)
 
 
-def rendered(images: np.ndarray, config, seed: int = 0) -> np.ndarray:
+def rendered(images: np.ndarray, config: ModelConfig, seed: int = 0) -> np.ndarray:
     """Fashion-MNIST items rendered as small catalog photos (dark on white, a margin, a little
     sensor noise) and decoded back: in-scope images with the conversion's own artefacts."""
     rng = np.random.default_rng(seed)
@@ -92,7 +92,7 @@ def rendered(images: np.ndarray, config, seed: int = 0) -> np.ndarray:
 FIT_SIZE = 20_000  # training images the feature statistics are fitted on (plenty for 128-d)
 
 
-def collect(model_path: Path | None, folders: dict[str, Path], cache: Path) -> dict[str, Scored]:
+def collect(model_path: Path | None, folders: dict[str, Path], cache: Path) -> tuple[LoadedModel, dict[str, Scored]]:
     """Features, logits and inputs of every set; decoded inputs and outputs are cached in ``cache``
     (keyed by the model's sha256), because decoding 2,000 photos takes minutes on two cores."""
     loaded = load_model(model_path)
@@ -130,12 +130,11 @@ def collect(model_path: Path | None, folders: dict[str, Path], cache: Path) -> d
     result = {}
     for name, (images, meta) in sets.items():
         if f"{name}-feats" not in outputs:
-            outputs[f"{name}-feats"], outputs[f"{name}-logits"] = features_and_logits(net, images)
+            outputs[f"{name}-feats"], outputs[f"{name}-logits"] = oos.features_and_logits(net, images)
             np.savez(out_file, **outputs)
         result[name] = Scored(name, images if images.ndim == 4 else images[:, None],
                               outputs[f"{name}-feats"], outputs[f"{name}-logits"], meta)
-    result["_model"] = loaded  # type: ignore[assignment]
-    return result
+    return loaded, result
 
 
 def _class_meta(labels: np.ndarray) -> pd.DataFrame:
@@ -163,7 +162,7 @@ def knn_distance(feats: np.ndarray, bank: np.ndarray, k: int = 10) -> np.ndarray
     return np.concatenate(out)
 
 
-def score_functions(fit: Scored, val: Scored, temperature: float) -> dict[str, callable]:
+def score_functions(fit: Scored, val: Scored, temperature: float) -> dict[str, Callable[[Scored], np.ndarray]]:
     """Every candidate score, fitted on ``fit`` (training images) where it needs fitting."""
     labels = fit.meta["label_id"].to_numpy()
     gaussian = oos.fit_feature_gaussian(fit.feats, labels, len(FASHION_MNIST_CLASSES))
@@ -261,23 +260,24 @@ def evaluate(sets: dict[str, Scored], temperature: float) -> tuple[pd.DataFrame,
                 row["in-scope"] = f.mean()
                 row["in-scope +review"] = (f | pooled_review).mean()
             rows.append(row)
-    for share in (0.05, 0.01):
-        rows.append(_library_row(sets, temperature, share, detail))
+    for method in oos.METHODS:
+        for share in (0.05, 0.01):
+            rows.append(_library_row(sets, temperature, method, share, detail))
     return pd.DataFrame(rows), pd.DataFrame(detail)
 
 
-def _library_row(sets: dict[str, Scored], temperature: float, share: float, detail: list[dict]) -> dict:
+def _library_row(sets: dict[str, Scored], temperature: float, method: str, share: float, detail: list[dict]) -> dict:
     """The decision exactly as catalog_tagger.out_of_scope.Detector makes it."""
     fit, val = sets["fmnist-fit"], sets["fmnist-val"]
-    detector = oos.fit_detector(fit.feats, fit.meta["label_id"].to_numpy(), len(FASHION_MNIST_CLASSES),
-                                val.feats, val.images, flag_share=share)
-    name, rule = "Detector (library)", f"FM-val p{100 * (1 - share):.0f}"
+    detector = oos.fit_detector(method, val.feats, val.logits, val.images, fit.feats, fit.meta["label_id"].to_numpy(),
+                                len(FASHION_MNIST_CLASSES), flag_share=share)
+    name, rule = f"Detector {method}", f"FM-val p{100 * (1 - share):.0f}"
     row = {"score": name, "rule": rule, "threshold": detector.threshold}
     inscope_flags, inscope_review = [], []
     for k, s in sets.items():
         if k == "fmnist-fit":
             continue
-        flag = np.array([r is not None for r in detector.reasons(s.feats, s.images)])
+        flag = np.array([r is not None for r in detector.reasons(s.feats, s.logits, s.images)])
         review = needs_review(s, temperature)
         row[k], row[k + " +review"] = flag.mean(), (flag | review).mean()
         for g, idx in s.meta.groupby(["style", "group"]).indices.items():
@@ -376,7 +376,7 @@ def outlier_photo(rng: np.random.Generator, items: np.ndarray) -> "Image.Image":
     return render_catalog_photo(item, scale=int(rng.integers(2, 5)), noise=float(rng.uniform(0, 3)), rng=rng)
 
 
-def outlier_bank(n: int, items: np.ndarray, config, seed: int) -> np.ndarray:
+def outlier_bank(n: int, items: np.ndarray, config: ModelConfig, seed: int) -> np.ndarray:
     """``n`` outlier photos converted as tagging converts photos: uint8 (n, 1, 28, 28)."""
     rng = np.random.default_rng(seed)
     return np.stack([to_model_array(outlier_photo(rng, items), config) for _ in range(n)])
@@ -441,8 +441,8 @@ def finetune(out: Path, epochs: int = 3, seed: int = 0, weight: float = 0.5, lr:
             if k not in ("model_config", "classes", "weights_file", "weights_sha256", "card_format")}
     card["name"] = out.name
     card["calibration"] = calibrate(val_logits, train.labels[val_idx])
-    card["metrics"] = {**card.get("metrics", {}), "val_accuracy": float((val_logits.argmax(1) == train.labels[val_idx]).mean()),
-                       "test_accuracy": test_acc}
+    card["metrics"] = {"val_accuracy": float((val_logits.argmax(1) == train.labels[val_idx]).mean()),
+                       "test_accuracy": test_acc, "test_n": len(test.labels)}
     card["outlier_exposure"] = {"init": loaded.ident, "epochs": epochs, "seed": seed, "weight": weight, "lr": lr,
                                 "bank_size": bank_size, "history": history}
     save_model(model.cpu(), card, out / "model.safetensors")
@@ -492,7 +492,7 @@ def main() -> None:
     m.add_argument("--cache", type=Path, default=Path("runs/out-of-scope-cache"))
     m.add_argument("--json", type=Path, help="write the summary and the per-class detail here")
     m.add_argument("--detail", nargs="*", default=[], metavar="SCORE",
-                   help="print per-class tables for these scores at 'FM-val p95' and the oracle rule")
+                   help="print per-class tables for these scores (names as in the summary), at every rule")
     f = sub.add_parser("finetune", help="outlier exposure from the bundled (or --init) model")
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--init", type=Path)
@@ -505,8 +505,7 @@ def main() -> None:
     if args.command == "finetune":
         finetune(args.out, args.epochs, args.seed, args.weight, args.lr, init=args.init)
         return
-    sets = collect(args.model, {"other": args.other, "dev": args.dev, "dev2": args.dev2}, args.cache)
-    loaded = sets.pop("_model")
+    loaded, sets = collect(args.model, {"other": args.other, "dev": args.dev, "dev2": args.dev2}, args.cache)
     rows, detail = evaluate(sets, loaded.temperature)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), platform.processor())
@@ -516,7 +515,7 @@ def main() -> None:
     print("review rule alone (confidence < 0.5): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in review.items()))
     print(markdown(rows))
     for score in args.detail:
-        for rule in ("FM-val p95", "oracle 15% alone"):
+        for rule in rows.loc[rows["score"] == score, "rule"]:
             print()
             print(detail_markdown(detail, score, rule))
     if args.json:

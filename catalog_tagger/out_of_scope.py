@@ -12,10 +12,11 @@ Scores, all "higher = more out of scope":
 - ``mahalanobis``: squared Mahalanobis distance of the penultimate features to the nearest
   class mean, with one covariance shared by the classes (Lee et al. 2018). Its statistics
   (class means, precision matrix) are fitted on training images and stored in the card.
-- ``energy``: minus the log-sum-exp of the logits (Liu et al. 2020).
-- ``max_softmax``: one minus the (calibrated) top probability.
 - ``relative_mahalanobis``: the same minus the distance to one Gaussian over all training
-  features (Ren et al. 2021); the best of these on real photos, and what ``Detector`` uses.
+  features (Ren et al. 2021); the best post-hoc score of a plainly trained model.
+- ``energy``: minus the log-sum-exp of the logits (Liu et al. 2020); the best score of a model
+  fine-tuned with outlier exposure.
+- ``max_softmax``: one minus the (calibrated) top probability.
 - ``ink_fraction``: the share of lit pixels of the 28x28 input, whose bounds catch blank
   pages and photos the background trim could not separate.
 
@@ -26,7 +27,7 @@ the features the head reads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -147,6 +148,16 @@ def ink_fraction(images: np.ndarray) -> np.ndarray:
     return (a.reshape(len(a), -1) > INK_LEVEL).mean(1)
 
 
+def short_side(images: np.ndarray) -> np.ndarray:
+    """The shorter side, in pixels, of the box around the ink of each model input (0 when blank).
+
+    The conversion scales a product's longer side to the full 28 pixels, so a line of text
+    or a strap ends up a few pixels thin, thinner than any Fashion-MNIST item.
+    """
+    ink = np.asarray(images).reshape(len(images), -1, *np.shape(images)[-2:]).max(1) > INK_LEVEL
+    return np.minimum(ink.any(2).sum(1), ink.any(1).sum(1))
+
+
 def fit_threshold(in_scope_scores: np.ndarray, flag_share: float = 0.05) -> float:
     """The score above which ``flag_share`` of these in-scope images lie."""
     scores = np.asarray(in_scope_scores, dtype=np.float64)
@@ -158,71 +169,105 @@ def fit_threshold(in_scope_scores: np.ndarray, flag_share: float = 0.05) -> floa
 
 
 # Reasons a row can carry; the first that applies is reported.
-REASON_BLANK = "blank: almost no product pixels"
+REASON_BLANK = "blank: almost no product pixels (an empty image, or thin lines such as text)"
 REASON_FILLED = "filled: no product outline against a background"
+REASON_THIN = "thin: a line such as text or a strap, thinner than any garment"
 REASON_UNLIKE = "unlike every class seen in training"
+METHODS = ("energy", "relative_mahalanobis")
 
 
 @dataclass(frozen=True)
 class Detector:
     """Everything the out-of-scope decision needs at tagging time; stored in the model card.
 
-    ``threshold`` applies to ``relative_mahalanobis`` of the penultimate features; the ink
-    bounds catch degenerate inputs (a blank page, a photo the background trim could not
-    separate) whatever the features say.
+    ``method`` names the score ``threshold`` applies to: ``energy`` of the logits (needs no
+    statistics; the choice for a model trained with outlier exposure) or
+    ``relative_mahalanobis`` of the penultimate features (the best post-hoc score of a plain
+    model; needs ``gaussian`` and ``background``). The ink bounds catch degenerate inputs
+    (a blank page, a photo the background trim could not separate, a line of text) whatever
+    the score says.
     """
 
-    gaussian: FeatureGaussian
-    background: FeatureGaussian
+    method: str
     threshold: float
     ink_low: float
     ink_high: float
+    min_side: float = 0.0
+    gaussian: FeatureGaussian | None = None
+    background: FeatureGaussian | None = None
     fitted_on: str = ""
 
-    def scores(self, features: np.ndarray) -> np.ndarray:
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown out-of-scope method {self.method!r}; expected one of {METHODS}")
+        if self.method == "relative_mahalanobis" and (self.gaussian is None or self.background is None):
+            raise ValueError("relative_mahalanobis needs the class and background feature statistics")
+
+    def scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """The method's score per row; above ``threshold`` is out of scope."""
+        if self.method == "energy":
+            return energy(logits)
+        assert self.gaussian is not None and self.background is not None
         return relative_mahalanobis(features, self.gaussian, self.background)
 
-    def reasons(self, features: np.ndarray, images: np.ndarray) -> list[str | None]:
+    def reasons(self, features: np.ndarray, logits: np.ndarray, images: np.ndarray) -> list[str | None]:
         """Per row: None when in scope, else why it is out of scope."""
         ink = ink_fraction(images)
-        far = self.scores(features) > self.threshold
+        side = short_side(images)
+        far = self.scores(features, logits) > self.threshold
         out: list[str | None] = []
-        for share, is_far in zip(ink.tolist(), far.tolist()):
+        for share, thin, is_far in zip(ink.tolist(), (side < self.min_side).tolist(), far.tolist()):
             if share < self.ink_low:
                 out.append(REASON_BLANK)
             elif share > self.ink_high:
                 out.append(REASON_FILLED)
+            elif thin:
+                out.append(REASON_THIN)
             else:
                 out.append(REASON_UNLIKE if is_far else None)
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "relative mahalanobis on penultimate features + ink share bounds",
-                "threshold": self.threshold, "ink_low": self.ink_low, "ink_high": self.ink_high,
-                "fitted_on": self.fitted_on, "class_gaussian": self.gaussian.to_dict(),
-                "background_gaussian": self.background.to_dict()}
+        data: dict[str, Any] = {"method": self.method, "threshold": self.threshold, "ink_level": INK_LEVEL,
+                                "ink_low": self.ink_low, "ink_high": self.ink_high, "min_side": self.min_side,
+                                "fitted_on": self.fitted_on}
+        if self.gaussian is not None and self.background is not None:
+            data["class_gaussian"] = self.gaussian.to_dict()
+            data["background_gaussian"] = self.background.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Detector":
-        return cls(FeatureGaussian.from_dict(data["class_gaussian"]),
-                   FeatureGaussian.from_dict(data["background_gaussian"]),
-                   float(data["threshold"]), float(data["ink_low"]), float(data["ink_high"]),
-                   str(data.get("fitted_on", "")))
+        stats = [FeatureGaussian.from_dict(data[k]) if k in data else None
+                 for k in ("class_gaussian", "background_gaussian")]
+        return cls(str(data["method"]), float(data["threshold"]), float(data["ink_low"]), float(data["ink_high"]),
+                   float(data.get("min_side", 0.0)), stats[0], stats[1], str(data.get("fitted_on", "")))
 
 
-def fit_detector(train_features: np.ndarray, train_labels: np.ndarray, num_classes: int,
-                 val_features: np.ndarray, val_images: np.ndarray, flag_share: float = 0.05,
-                 ink_flag_share: float = 0.002) -> Detector:
-    """Statistics from training features, thresholds from held-out in-scope images only.
+def fit_detector(method: str, val_features: np.ndarray, val_logits: np.ndarray, val_images: np.ndarray,
+                 train_features: np.ndarray | None = None, train_labels: np.ndarray | None = None,
+                 num_classes: int | None = None, flag_share: float = 0.01, ink_flag_share: float = 0.002
+                 ) -> Detector:
+    """A detector whose thresholds come from held-out in-scope images only (the validation split).
 
-    ``flag_share`` of the validation images score above the feature threshold; the ink
-    bounds leave ``ink_flag_share`` of them outside on each side.
+    ``flag_share`` of the validation images score above the threshold; the ink bounds leave
+    ``ink_flag_share`` of them outside on each side, and at most that share is thinner than
+    ``min_side``. ``relative_mahalanobis`` also needs the
+    training features and labels its statistics are fitted on.
     """
-    gaussian = fit_feature_gaussian(train_features, train_labels, num_classes)
-    background = fit_feature_gaussian(train_features, np.zeros(len(train_labels), dtype=np.int64), 1)
+    gaussian = background = None
+    if method == "relative_mahalanobis":
+        if train_features is None or train_labels is None or num_classes is None:
+            raise ValueError("relative_mahalanobis needs training features, labels and the number of classes")
+        gaussian = fit_feature_gaussian(train_features, train_labels, num_classes)
+        background = fit_feature_gaussian(train_features, np.zeros(len(train_labels), dtype=np.int64), 1)
     ink = ink_fraction(val_images)
-    threshold = fit_threshold(relative_mahalanobis(val_features, gaussian, background), flag_share)
-    return Detector(gaussian, background, threshold,
-                    float(np.quantile(ink, ink_flag_share)), float(np.quantile(ink, 1 - ink_flag_share)),
-                    f"{len(train_labels)} training images; thresholds flag {flag_share:.1%} (features) and "
-                    f"{2 * ink_flag_share:.1%} (ink) of {len(val_images)} validation images")
+    low, high = np.quantile(ink, [ink_flag_share, 1 - ink_flag_share])
+    # Whole pixels: flag only sides strictly thinner than the thinnest ``ink_flag_share`` of items.
+    min_side = float(np.floor(np.quantile(short_side(val_images), ink_flag_share)))
+    draft = Detector(method, 0.0, float(low), float(high), min_side, gaussian, background)
+    threshold = fit_threshold(draft.scores(val_features, val_logits), flag_share)
+    trained = f"; statistics from {len(train_features)} training images" if train_features is not None else ""
+    return replace(draft, threshold=threshold,
+                   fitted_on=f"threshold flags {flag_share:.1%}, ink and size bounds {3 * ink_flag_share:.1%} of "
+                             f"{len(val_images)} validation images{trained}")
