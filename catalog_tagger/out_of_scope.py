@@ -50,9 +50,18 @@ def features_and_logits(model: GarmentNet, images: np.ndarray, batch_size: int =
 
     The features are the globally pooled activations the head reads; with flip TTA they are
     averaged over the image and its mirror, so ``head(features)`` equals ``model(x)``.
-    ``model`` may be a ``runtime.prepare_model`` copy (batch norm folded), as tagging runs it.
+    ``model`` may be a ``runtime.prepare_model`` copy (batch norm folded), as tagging runs it;
+    it runs in eval mode and is left in the mode it came in.
     """
-    model = model.eval()
+    was_training = model.training
+    model.eval()
+    try:
+        return _features_and_logits(model, images, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _features_and_logits(model: GarmentNet, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     feats, logits = [], []
     for start in range(0, len(images), batch_size):
         chunk = torch.from_numpy(np.array(images[start:start + batch_size]))  # a copy: inputs may be read-only
@@ -152,7 +161,7 @@ def short_side(images: np.ndarray) -> np.ndarray:
     """The shorter side, in pixels, of the box around the ink of each model input (0 when blank).
 
     The conversion scales a product's longer side to the full 28 pixels, so a line of text
-    or a strap ends up a few pixels thin, thinner than any Fashion-MNIST item.
+    or a strap ends up a few pixels thin, thinner than all but a few Fashion-MNIST items.
     """
     ink = np.asarray(images).reshape(len(images), -1, *np.shape(images)[-2:]).max(1) > INK_LEVEL
     return np.minimum(ink.any(2).sum(1), ink.any(1).sum(1))
