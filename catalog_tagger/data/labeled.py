@@ -102,9 +102,9 @@ def list_labeled(data: Path | None, manifest: Path | None, path_col: str = "path
 
 
 def decode_records(records: Sequence[Record], config: ModelConfig, workers: int, progress: bool,
-                   settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+                   settings: DecodeSettings | None = None) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
     """Decode with the tagging decoder in worker processes: (arrays, ok mask, problems)."""
-    dataset = DecodeDataset(records, config, settings)
+    dataset = DecodeDataset(records, config, settings or DecodeSettings())
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=Collate())
     arrays = np.zeros((len(records), config.channels, config.input_size, config.input_size), np.uint8)
     ok = np.zeros(len(records), bool)
