@@ -1,7 +1,7 @@
 """Accuracy of a model on a folder of real, labeled product photos, per class.
 
     python benchmarks/realphoto_accuracy.py ../shared/realphoto-dev [--model PATH] [--json]
-        [--target-precision 0.95] [--preprocessing conversion|naive|negate]
+        [--target-precision 0.95] [--preprocessing conversion|naive|negate] [--levers v1|default|...]
 
 The folder holds ``labels.csv`` (file,label_id,label_name) and the images it names. The
 photos are tagged exactly as `catalog-tagger tag` would tag them (same preprocessing,
@@ -9,6 +9,8 @@ same model loading), then compared with the labels. Nothing is copied out of the
 
 ``--preprocessing naive`` (grayscale resize to 28x28) and ``negate`` (the same, negated)
 replace the Fashion-MNIST conversion, to measure what the conversion is worth.
+``--levers`` runs the conversion with one of ``preprocess.LEVER_SETS`` (``v1`` is the
+conversion before issue 19); per-style figures are in benchmarks/zero_shot_levers.py.
 ``--target-precision`` reports the precision of the rows `tag --target-precision` would
 auto-accept on these photos, and the share it would send to review.
 """
@@ -41,9 +43,13 @@ def _naive(negate: bool):
 
 
 def measure(folder: Path, model: Path | None = None, target_precision: float | None = None,
-            preprocessing: str = "conversion") -> dict:
+            preprocessing: str = "conversion", levers: str | None = None) -> dict:
+    if levers is not None:
+        from catalog_tagger import preprocess
+
+        preprocess.DEFAULT = preprocess.LEVER_SETS[levers]
     if preprocessing != "conversion":
-        import catalog_tagger.decode as decode
+        from catalog_tagger import decode
 
         decode.to_model_array = _naive(negate=preprocessing == "negate")
     labels = pd.read_csv(folder / "labels.csv")
@@ -81,8 +87,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--target-precision", type=float)
     parser.add_argument("--preprocessing", choices=["conversion", "naive", "negate"], default="conversion")
+    parser.add_argument("--levers", help="a preprocess.LEVER_SETS name, e.g. v1 (before issue 19)")
     args = parser.parse_args()
-    report = measure(args.folder, args.model, args.target_precision, args.preprocessing)
+    report = measure(args.folder, args.model, args.target_precision, args.preprocessing, args.levers)
     if args.json:
         print(json.dumps(report))
         return

@@ -1,10 +1,11 @@
 """The one preprocessing function, on real files in every storage variant."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from catalog_tagger.decode import decode_file
 from catalog_tagger.model import ModelConfig
@@ -163,3 +164,125 @@ def test_each_channel_maps_its_background_to_0_and_the_far_end_to_255(background
     want = np.clip(np.floor((bg - far if light else far - bg) * scale + 0.5), 0, 255)
     assert np.abs(got - want).max() <= 1  # float32 vs float64 rounding at most
     assert (out.transpose(1, 2, 0)[:, :4] == 0).all()  # the background itself
+
+
+# --- Real-photo levers (docs/zero-shot-accuracy.md) ------------------------------------
+
+def _shirt_mask(width: int, height: int) -> np.ndarray:
+    """A T-shirt silhouette (sleeves and body) as a boolean mask filling most of the frame."""
+    mask = np.zeros((height, width), bool)
+    mask[int(0.15 * height) : int(0.35 * height), int(0.12 * width) : int(0.88 * width)] = True  # sleeves
+    mask[int(0.15 * height) : int(0.9 * height), int(0.3 * width) : int(0.7 * width)] = True  # body
+    return mask
+
+
+def _draw(shape: np.ndarray, backdrop: np.ndarray, fill: float, edge: float) -> Image.Image:
+    """``shape`` painted ``fill`` with a 3-pixel ``edge`` (the soft shadow a studio light
+    leaves around a white garment) onto ``backdrop``."""
+    body = Image.fromarray(shape.astype(np.uint8) * 255)
+    inner = np.asarray(body.filter(ImageFilter.MinFilter(7))) > 127
+    photo = backdrop.astype(np.float32).copy()
+    photo[shape] = edge
+    photo[inner] = fill
+    return Image.fromarray(np.clip(photo + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _expected(shape: np.ndarray) -> np.ndarray:
+    """Where the garment should land on the 28x28 canvas (trimmed, longest edge 28, centred)."""
+    rows, cols = np.nonzero(shape.any(1))[0], np.nonzero(shape.any(0))[0]
+    crop = shape[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    scale = 28 / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    small = np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)) > 200
+    canvas = np.zeros((28, 28), bool)
+    x, y = (28 - size[0] + 1) // 2, (28 - size[1] + 1) // 2
+    canvas[y : y + size[1], x : x + size[0]] = small
+    return canvas
+
+
+def _silhouette_recall(out: np.ndarray, shape: np.ndarray, level: int = 30) -> float:
+    """Share of the garment's own 28x28 area the model sees as product (not black)."""
+    return float((out[_expected(shape)] > level).mean())
+
+
+@pytest.mark.parametrize("backdrop, fill, edge", [(255, 252, 215), (236, 250, 200), (242, 242, 205)])
+def test_a_white_shirt_on_a_white_or_light_grey_backdrop_keeps_its_silhouette(backdrop, fill, edge):
+    # Negation alone maps a white shirt on white to near-black: only its outline is left.
+    shape = _shirt_mask(300, 400)
+    photo = _draw(shape, np.full(shape.shape, backdrop, np.float32), fill, edge)
+    out = to_model_array(photo, CONFIG)[0]
+    assert _silhouette_recall(out, shape) > 0.9
+    assert out[:, :2].max() == 0 and out[:, -2:].max() == 0  # beside the item stays black
+
+
+def test_a_dark_garment_keeps_its_own_brightness():
+    # The floor lifts only the faint parts of an item; a dark shirt is not flattened.
+    shape = _shirt_mask(300, 400)
+    photo = _draw(shape, np.full(shape.shape, 255.0), 30, 30)
+    out = to_model_array(photo, CONFIG)[0]
+    assert _silhouette_recall(out, shape, 200) > 0.9
+
+
+def test_a_garment_on_a_cluttered_floor_is_cut_out():
+    pytest.importorskip("cv2")
+    rng = np.random.default_rng(3)
+    h, w = 400, 300
+    # Wooden floorboards: bands of different brown-greys with grain, nothing like a plain backdrop.
+    boards = np.repeat(rng.uniform(120, 200, (1, w // 25 + 1)), 25, axis=1)[:, :w]
+    floor = boards + rng.normal(0, 12, (h, w)) + 15 * np.sin(np.arange(h)[:, None] / 7.0)
+    shape = _shirt_mask(w, h)
+    out = to_model_array(_draw(shape, floor, 45, 45), CONFIG)[0]
+    # The floor is gone: the shirt is there, and beside it (under the sleeves) is black.
+    assert _silhouette_recall(out, shape, 60) > 0.85
+    near = np.asarray(Image.fromarray(_expected(shape).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))) > 0
+    assert (~near).sum() > 50 and out[~near].mean() < 10
+
+
+def _worn_top(head: bool) -> Image.Image:
+    """A dark top worn by a person (head on a neck above the shoulders) on white."""
+    h, w = 160, 80
+    photo = np.full((h, w), 255.0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    if head:
+        photo[(yy - 16) ** 2 / 14**2 + (xx - 40) ** 2 / 10**2 <= 1] = 60  # face and hair
+        photo[28:36, 36:44] = 150  # neck
+    photo[36:120, 10:70] = 70  # the top: shoulders, sleeves and body
+    photo[120:160, 22:58] = 40  # jeans below it
+    return Image.fromarray(photo.astype(np.uint8), "L")
+
+
+def test_the_head_of_a_model_is_cut_out_of_a_worn_photo():
+    with_head = to_model_array(_worn_top(True), CONFIG)[0]
+    rows = np.nonzero(with_head.max(axis=1) > 30)[0]
+    top_row = with_head[rows[0]]
+    # The first row the model sees is the shoulders (wide), not the top of the head.
+    assert (top_row > 30).sum() > 10
+
+
+def test_a_collar_or_hanger_is_not_taken_for_a_head():
+    # A narrow hook above a coat, widening without a neck: nothing is cut.
+    photo = np.full((160, 80), 255, np.uint8)
+    photo[0:12, 38:42] = 60  # hanger hook
+    photo[12:20, 30:50] = 60  # collar
+    photo[20:160, 10:70] = 70
+    out = to_model_array(Image.fromarray(photo, "L"), CONFIG)[0]
+    rows = np.nonzero(out.max(axis=1) > 30)[0]
+    assert (out[rows[0]] > 30).sum() <= 4
+
+
+def test_fashion_mnist_like_images_convert_exactly_as_before_the_levers():
+    # The levers act on light or cluttered backdrops only: a light-on-black item
+    # (Fashion-MNIST, or a photo already in its form) gets the v1 conversion bit for bit,
+    # so the Fashion-MNIST accuracy of a model cannot move.
+    from catalog_tagger.data.idx import read_idx
+    from catalog_tagger.preprocess import DEFAULT, V1, convert
+
+    rng = np.random.default_rng(5)
+    noisy = _item().astype(int) + rng.integers(-30, 30, (28, 28)) * (_item() > 0)
+    items = [_item(), np.fliplr(_item()), np.clip(noisy, 0, 255).astype(np.uint8)]
+    test_set = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    if test_set.exists():
+        items += list(np.asarray(read_idx(test_set))[:300])
+    for item in items:
+        img = Image.fromarray(item.astype(np.uint8))
+        assert (convert(img, CONFIG, DEFAULT) == convert(img, CONFIG, V1)).all()
