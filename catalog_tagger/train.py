@@ -2,7 +2,8 @@
 
 Recipe (each piece chosen for a fast, reproducible CPU run): batch-level flip and
 translate augmentation, Nesterov SGD with a linear warm-up then linear decay to zero,
-label smoothing, channels_last, bf16 autocast where the hardware has it. The 10k test
+label smoothing, channels_last, bf16 autocast where the hardware has it, batch norm
+statistics recomputed in float32 for the weights of each epoch's end. The 10k test
 set is touched once, after the last epoch, for the number reported in the card; epochs
 and hyper-parameters are judged on the validation split only.
 """
@@ -151,6 +152,47 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
     return total_loss / seen, total_correct / seen
 
 
+# Batch norm's running statistics are an average over the last ~10 steps (momentum 0.1), taken
+# while the weights still moved. On a small training set those steps are most of an epoch at a
+# high learning rate, and the eval-mode network they describe can be far worse than its weights:
+# on the tests' 1,000-image set (15 steps an epoch, seeds 0-3) validation read 0.07-0.26 after
+# epoch 1 and 0.09-0.48 after epoch 2 with the running averages, 0.40-0.82 and 1.0 with statistics
+# recomputed for the same weights, in bf16 and float32 alike. Recomputing costs one forward pass over this
+# many images (about 2% of a Fashion-MNIST epoch).
+BN_IMAGES = 4096
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: StepSettings,
+                        seed: int) -> None:
+    """Replace every batch norm's running statistics with their average over training batches,
+    augmented as in training, run through the current weights (precise BN, as in detectron2 and
+    ``torch.optim.swa_utils.update_bn``).
+
+    Float32 throughout, as the eval-mode network runs; its own seeded generator and no dropout,
+    so that the training's random streams, and so --resume, are untouched.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+        m.train()
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(settings.batch_size, len(images))
+    order = torch.randperm(len(images), generator=generator)
+    for i in range(max(1, min(len(images), BN_IMAGES) // batch_size)):
+        idx = order[i * batch_size : (i + 1) * batch_size].to(images.device)
+        model(train_augment(to_unit(images[idx], settings.device), labels[idx], generator,
+                            worn_prob=settings.worn_prob))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
 def evaluate_arrays(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int
 ) -> dict[str, float]:
@@ -290,6 +332,7 @@ def _train_epochs(state: TrainState, config: TrainConfig, data: TrainingData, se
         if not info.is_main:
             barrier(info)  # rank 0 validates and writes the checkpoint meanwhile
             continue
+        recompute_batchnorm(state.model, images, labels, settings, seed=config.seed + epoch)
         val = evaluate_arrays(state.model.eval(), data.val.images, data.val.labels, settings.device,
                               config.eval_batch_size)
         state.history.add(epoch=epoch + 1, train_loss=loss, train_accuracy=acc, val_loss=val["loss"],
