@@ -37,8 +37,7 @@ from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
 from .preprocess import PREPROCESSING
 from .runtime import (describe_device, precision_name, predict_logits_array, prepare_model, resolve_device,
-                      to_unit, training_autocast, training_dtype)
-from .tagging import default_workers
+                      resolve_workers, to_unit, training_autocast, training_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +228,7 @@ def load_training_data(config: TrainConfig, init: LoadedModel | None, progress: 
         input_size=config.input_size, channels=c, mean=(0.5,) * c, std=(0.25,) * c)
     labeled = load_labeled(config.data, config.manifest, decode_as, config.path_col, config.label_col,
                            classes=init.classes if init is not None else None,
-                           workers=default_workers() if config.workers is None else config.workers,
+                           workers=resolve_workers(config.workers),
                            progress=progress)
     source = str(config.data if config.data is not None else config.manifest)
     return own_data(labeled, config.val_fraction, config.seed, source)
