@@ -277,10 +277,8 @@ CLUTTER_SPREAD = 8.0
 
 def _grabcut(probe: np.ndarray, iterations: int = 4) -> np.ndarray | None:
     """Object mask by GrabCut, started from "the object is inside a 6% inset"."""
-    try:
-        import cv2
-    except ImportError:
-        return None
+    import cv2  # a dependency; imported here because only cluttered photos need it
+
     h, w = probe.shape[:2]
     rgb = np.ascontiguousarray(np.repeat(probe, 3, axis=2) if probe.shape[2] == 1 else probe).astype(np.uint8)
     mask = np.zeros((h, w), np.uint8)

@@ -224,7 +224,6 @@ def test_a_dark_garment_keeps_its_own_brightness():
 
 
 def test_a_garment_on_a_cluttered_floor_is_cut_out():
-    pytest.importorskip("cv2")
     rng = np.random.default_rng(3)
     h, w = 400, 300
     # Wooden floorboards: bands of different brown-greys with grain, nothing like a plain backdrop.
