@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup data tools run test bundled-model sample-catalog clean help
+.PHONY: setup data tools lint run test bundled-model sample-catalog clean help
 
 help:
 	@echo "make run    tag sample_catalog/ with the bundled model into tags.parquet"
@@ -42,11 +42,16 @@ tools:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium libreoffice-calc; \
 	fi
 
-test: setup data tools
+# Lint and type-check first: seconds, and they name the line.
+lint: setup
+	$(BIN)/ruff check catalog_tagger tests benchmarks
+	$(BIN)/mypy catalog_tagger
+
+test: setup data tools lint
 	$(BIN)/python -m pytest -q
 
 # For development: everything but the tests marked slow (training or evaluating on full data).
-quick: setup data tools
+quick: setup data tools lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Re-train the model shipped inside the package (its card records this command).

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -301,7 +302,7 @@ _WORDS = ("SALE", "new in", "50% off", "Size M", "cotton", "FREE delivery", "cat
           "summer", "Made in", "logo", "9.99", "XL", "return", "gift card", "wash 30", "brand", "ABC", "2026")
 
 
-def outlier_photo(rng: np.random.Generator, items: np.ndarray) -> "Image.Image":
+def outlier_photo(rng: np.random.Generator, items: np.ndarray) -> Any:
     """One procedurally drawn photo that is none of the ten classes, as a catalog would show it
     (mostly dark on a light background); ``items`` are Fashion-MNIST images for patches and mixtures."""
     from PIL import Image, ImageDraw, ImageFont
@@ -313,7 +314,8 @@ def outlier_photo(rng: np.random.Generator, items: np.ndarray) -> "Image.Image":
     if kind == "blank":
         return Image.new("L", (w, h), int(rng.integers(0, 256)))
     if kind == "noise":
-        small = rng.normal(128, rng.uniform(20, 90), (int(rng.integers(2, h // 2 + 3)), int(rng.integers(2, w // 2 + 3))))
+        size = (int(rng.integers(2, h // 2 + 3)), int(rng.integers(2, w // 2 + 3)))
+        small = rng.normal(128, rng.uniform(20, 90), size)
         return Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
     if kind == "stripes":
         yy, xx = np.mgrid[0:h, 0:w]
@@ -327,7 +329,7 @@ def outlier_photo(rng: np.random.Generator, items: np.ndarray) -> "Image.Image":
     ink = lambda: int(rng.integers(0, max(1, bg - 60)))  # noqa: E731
     if kind == "text":
         font = ImageFont.load_default(size=int(rng.integers(8, 28)))
-        for line in range(int(rng.integers(1, 4))):
+        for _ in range(int(rng.integers(1, 4))):
             words = " ".join(rng.choice(_WORDS, int(rng.integers(1, 4))))
             draw.text((int(rng.integers(0, w // 3 + 1)), int(rng.integers(0, h - 8))), words, fill=ink(), font=font)
         return img
@@ -508,7 +510,8 @@ def main() -> None:
     loaded, sets = collect(args.model, {"other": args.other, "dev": args.dev, "dev2": args.dev2}, args.cache)
     rows, detail = evaluate(sets, loaded.temperature)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), platform.processor())
+    cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line),
+                    platform.processor())
     review = {k: float(needs_review(sets[k], loaded.temperature).mean()) for k in ("other", "dev", "dev2")}
     print(f"model {loaded.ident}, test accuracy {loaded.card['metrics'].get('test_accuracy')}, "
           f"temperature {loaded.temperature}; {time.strftime('%Y-%m-%d', time.gmtime())}; CPU {cpu_name}")

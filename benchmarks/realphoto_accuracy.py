@@ -93,7 +93,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"top-1 accuracy {report['accuracy_all']:.3f} on {report['n_total']} photos ({report['n_failed']} failed to decode)")
+    print(f"top-1 accuracy {report['accuracy_all']:.3f} on {report['n_total']} photos "
+          f"({report['n_failed']} failed to decode)")
     print(f"{'class':<12} recall  precision  support")
     for name, row in report["per_class"].items():
         print(f"{name:<12} {row['recall']:6.3f}  {row['precision']:9.3f}  {row['support']:7d}")
@@ -103,7 +104,8 @@ def main() -> None:
         print(f"--target-precision {r['target_precision']}: {r['review_share']:.1%} sent to review, "
               f"accepted rows {r['accepted_precision']:.3f} precise")
     print("confusion (rows true, columns predicted):")
-    print(pd.DataFrame(cm, index=[c[:8] for c in FASHION_MNIST_CLASSES], columns=[c[:5] for c in FASHION_MNIST_CLASSES]))
+    print(pd.DataFrame(cm, index=[c[:8] for c in FASHION_MNIST_CLASSES],
+                       columns=[c[:5] for c in FASHION_MNIST_CLASSES]))
 
 
 if __name__ == "__main__":

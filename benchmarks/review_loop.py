@@ -168,7 +168,8 @@ def table(results: list[dict]) -> str:
         cv = f"{row['cv_accuracy']:.1%}" if "cv_accuracy" in row else "-"
         lines.append(f"| {row['strategy']} | {row['budget']} | {row['seed'] if row['seed'] is not None else '-'} | "
                      f"{row['accuracy']:.1%} (n={row['n']}) | {cv} | {at(row, 0.90)} | {at(row, 0.95)} | "
-                     f"{at(row, 0.90, 'bound') if row['budget'] else '-'} | {at(row, 0.95, 'bound') if row['budget'] else '-'} |")
+                     f"{at(row, 0.90, 'bound') if row['budget'] else '-'} | "
+                     f"{at(row, 0.95, 'bound') if row['budget'] else '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tag_speed import draft_decode  # the sibling script: the decode limit counts the same decode
 
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.config import TagConfig
 from catalog_tagger.decode import decode_file
 from catalog_tagger.preprocess import to_model_array
 from catalog_tagger.runtime import describe_device, predict_logits, prepare_model
-
-from tag_speed import draft_decode  # the sibling script: the decode limit counts the same decode
 
 
 def ms_per_image(fn: Callable[[str], object], paths: list[str], runs: int) -> tuple[float, list[float]]:

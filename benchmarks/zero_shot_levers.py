@@ -183,7 +183,8 @@ def main() -> None:
         if not args.json:
             styles = res["styles"]
             line = "  ".join(f"{s} {v['accuracy']:.3f}" for s, v in styles.items())
-            fmn = f"  fmnist {res['fmnist_accuracy']:.4f} unchanged={res['fmnist_unchanged']}" if fm_images is not None else ""
+            fmn = (f"  fmnist {res['fmnist_accuracy']:.4f} unchanged={res['fmnist_unchanged']}"
+                   if fm_images is not None else "")
             print(f"{name:<22} {line}{fmn}  {res['ms_per_photo']:.1f} ms/photo", flush=True)
             if args.per_class:
                 for s, v in styles.items():

@@ -269,7 +269,8 @@ def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | Non
     if list(config.classes) != list(card.get("classes", config.classes)):
         raise ModelError(f"{card_path}: class list disagrees with the model config")
     if expected_classes is not None and tuple(expected_classes) != config.classes:
-        raise ModelError(f"{card_path}: model classes {list(config.classes)} differ from the expected {list(expected_classes)}")
+        raise ModelError(f"{card_path}: model classes {list(config.classes)} differ from the expected "
+                         f"{list(expected_classes)}")
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -305,4 +306,5 @@ def load_training_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ModelError(f"no checkpoint to resume from at {path}") from None
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        raise ModelError(f"cannot resume from {path}: not a valid catalog-tagger checkpoint ({exc.__class__.__name__})") from exc
+        raise ModelError(f"cannot resume from {path}: not a valid catalog-tagger checkpoint "
+                         f"({exc.__class__.__name__})") from exc

@@ -167,9 +167,11 @@ def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, bat
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.option("--model", type=click.Path(path_type=Path), help="Model (.safetensors, card .json or folder); default: bundled.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Model (.safetensors, card .json or folder); default: bundled.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
-@click.option("--out", type=click.Path(path_type=Path), help="Folder for the report files (metrics, confusion matrix, grid).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for the report files (metrics, confusion matrix, grid).")
 @click.option("--batch-size", type=click.IntRange(1), default=default(EvalConfig, "batch_size"), show_default=True)
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on stdout.")
@@ -193,7 +195,8 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
     width = max(len(name) for name in result["per_class"])
     click.echo(f"{'class':<{width}}  precision  recall     f1  support")
     for name, row in result["per_class"].items():
-        click.echo(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  {row['support']:7d}")
+        click.echo(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  "
+                   f"{row['support']:7d}")
     if result.get("report_files"):
         click.echo("report: " + ", ".join(result["report_files"]))
 
@@ -205,7 +208,8 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @click.option("--format", "fmt", type=click.Choice(sorted(WRITERS)), help="Output format (default: from --out).")
 @click.option("--raw-csv", is_flag=True, help="Write CSV text cells exactly as they are, even those starting with "
               "= + - @ that spreadsheets run as formulas (by default they get a leading apostrophe).")
-@click.option("--model", type=click.Path(path_type=Path), help="Model (.safetensors, card .json or folder); default: bundled.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Model (.safetensors, card .json or folder); default: bundled.")
 @click.option("--batch-size", type=click.IntRange(1), default=default(TagConfig, "batch_size"), show_default=True)
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
 @device_option
@@ -218,7 +222,8 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
                    "(on validation data); overrides --review-threshold.")
 @click.option("--ext", "extensions", multiple=True, help="File extension to tag in a folder (repeatable; "
               f"default: {', '.join(default(TagConfig, 'extensions'))}).")
-@click.option("--path-col", default=default(TagConfig, "path_col"), show_default=True, help="Manifest column with image paths.")
+@click.option("--path-col", default=default(TagConfig, "path_col"), show_default=True,
+              help="Manifest column with image paths.")
 @click.option("--id-col", help="Manifest column with image ids (default: the path).")
 @click.option("--root", type=click.Path(path_type=Path, file_okay=False),
               help="Resolve manifest paths against this folder and refuse paths that leave it.")

@@ -71,7 +71,7 @@ class TrainConfig:
                 for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild from a card's training config; unknown keys (older cards) are ignored."""
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}

@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from .calibration import expected_calibration_error, softmax
 from .checkpoint import load_model, output_folder
 from .config import EvalConfig
 from .data.fashion_mnist import load_split
 from .data.labeled import LabeledArrays, load_labeled
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES
-from .calibration import expected_calibration_error, softmax
 from .runtime import predict_logits_array, prepare_model, resolve_device, resolve_workers
 
 
@@ -61,8 +61,13 @@ def write_report(out: Path, result: dict[str, Any], images: np.ndarray, labels: 
                  probs: np.ndarray, classes: tuple[str, ...], grid_size: int) -> list[Path]:
     """metrics.json, confusion matrix (CSV, PNG), prediction grid, reliability and coverage plots."""
     from .checkpoint import atomic_write_json
-    from .report import (plot_confusion_matrix, plot_coverage_precision, plot_prediction_grid, plot_reliability,
-                         write_confusion_csv)
+    from .report import (
+        plot_confusion_matrix,
+        plot_coverage_precision,
+        plot_prediction_grid,
+        plot_reliability,
+        write_confusion_csv,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     cm = np.asarray(result["confusion_matrix"])

@@ -50,7 +50,7 @@ class PreviousOutput:
 
     @classmethod
     def load(cls, path: Path, model_ident: str, use_hash: bool, review_threshold: float,
-             top_k: int) -> "PreviousOutput":
+             top_k: int) -> PreviousOutput:
         if Path(path).suffix.lower() not in (".parquet", ".pq"):
             raise UsageError(f"--incremental needs a previous Parquet output, got {path}")
         try:

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +37,7 @@ from .checkpoint import LoadedModel, load_model, output_folder, save_model
 from .config import LearnConfig, TrainConfig
 from .data.labeled import class_key, decode_paths
 from .errors import DataError, OutputError
-from .model import FASHION_MNIST_CLASSES, build_model
+from .model import FASHION_MNIST_CLASSES, GarmentNet, build_model
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
 from .tagging import default_workers
@@ -138,14 +137,14 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config: LearnConfig,
-              device: torch.device, seed: int) -> torch.nn.Module:
+              device: torch.device, seed: int) -> GarmentNet:
     """A copy of ``init`` fine-tuned on ``images``/``labels`` with ``train``'s recipe."""
     recipe = TrainConfig()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(init.config)
     model.load_state_dict(init.model.state_dict())
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     batch_size = min(config.batch_size, len(images))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=recipe.momentum, nesterov=True,
                                 weight_decay=recipe.weight_decay)
@@ -169,7 +168,8 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder; choose a folder")
     if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there or choose another --out")
+        raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there "
+                          "or choose another --out")
     init = load_model(config.init)
     data = load_reviewed(config, init, progress)
     device = resolve_device(config.device)
@@ -256,7 +256,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     return card
 
 
-def _write_model_folder(out: Path, model: torch.nn.Module, card: dict[str, Any], overwrite: bool) -> None:
+def _write_model_folder(out: Path, model: GarmentNet, card: dict[str, Any], overwrite: bool) -> None:
     """Write into a fresh sibling folder, then swap it in: a failed write never leaves a
     half model where ``tag --model`` would find it."""
     out = Path(out)

@@ -70,8 +70,8 @@ class ModelConfig:
             raise ValueError(f"class names must be non-empty text of at most {MAX_CLASS_NAME} characters")
         if len(self.classes) > MAX_CLASSES:
             raise ValueError(f"at most {MAX_CLASSES} classes, got {len(self.classes)}")
-        if not _int_in(self.input_size, 8, MAX_INPUT_SIZE):
-            raise ValueError(f"input_size must be a whole number from 8 to {MAX_INPUT_SIZE}, got {self.input_size!r}")
+        if not _int_in(self.input_size, 1, MAX_INPUT_SIZE):
+            raise ValueError(f"input_size must be a whole number from 1 to {MAX_INPUT_SIZE}, got {self.input_size!r}")
         if self.channels not in (1, 3) or isinstance(self.channels, bool):
             raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
         if not 1 <= len(self.widths) <= MAX_BLOCKS or not all(_int_in(w, 1, MAX_WIDTH) for w in self.widths):
@@ -100,12 +100,13 @@ class ModelConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -131,6 +132,10 @@ class ConvBlock(nn.Sequential):
 
 
 class GarmentNet(nn.Module):
+    config: ModelConfig
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -94,7 +94,7 @@ class FeatureGaussian:
         return {"means": _to_lists(self.means), "precision": _to_lists(self.precision)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FeatureGaussian":
+    def from_dict(cls, data: dict[str, Any]) -> FeatureGaussian:
         means = np.asarray(data["means"], dtype=np.float64)
         precision = np.asarray(data["precision"], dtype=np.float64)
         if means.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]):
@@ -246,7 +246,7 @@ class Detector:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Detector":
+    def from_dict(cls, data: dict[str, Any]) -> Detector:
         stats = [FeatureGaussian.from_dict(data[k]) if k in data else None
                  for k in ("class_gaussian", "background_gaussian")]
         return cls(str(data["method"]), float(data["threshold"]), float(data["ink_low"]), float(data["ink_high"]),

@@ -160,7 +160,8 @@ def _object_mask(a: np.ndarray, background: np.ndarray, spread: float, levers: L
             grey.filter(ImageFilter.MinFilter(3)))
         mask |= contrast > max(levers.edge_threshold, 6.0 * spread)
         if levers.close_size > 1:
-            mask = _filter(_filter(mask, ImageFilter.MaxFilter(levers.close_size)), ImageFilter.MinFilter(levers.close_size))
+            closed = _filter(mask, ImageFilter.MaxFilter(levers.close_size))
+            mask = _filter(closed, ImageFilter.MinFilter(levers.close_size))
     if levers.fill_holes is True:
         mask = _fill_holes(mask)
     elif levers.fill_holes == "faint":
@@ -314,8 +315,8 @@ def _cutout(img: Image.Image, probe: np.ndarray, k: int, config: ModelConfig, le
     bbox = _bbox(mask, 1, (probe.shape[1], probe.shape[0]))
     if bbox is None:
         return None
-    l, t, r, b = bbox
-    g, m = grey[t:b, l:r], mask[t:b, l:r]
+    left, top, right, bottom = bbox
+    g, m = grey[top:bottom, left:right], mask[top:bottom, left:right]
     out = (outside - g) if inside < outside else (g - outside)
     out = np.maximum(out, 0) * m
     if levers.brightness != "none":

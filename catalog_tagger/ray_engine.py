@@ -28,8 +28,19 @@ from .config import TagConfig
 from .errors import UsageError
 from .model import ModelConfig
 from .outputs import summary_path
-from .run import (Summary, check_inputs, check_not_shrunk, chunks, commit_shard, is_committed, output_lock,
-                  prepare_parts, review_threshold, run_identity, shard_fingerprint)
+from .run import (
+    Summary,
+    check_inputs,
+    check_not_shrunk,
+    chunks,
+    commit_shard,
+    is_committed,
+    output_lock,
+    prepare_parts,
+    review_threshold,
+    run_identity,
+    shard_fingerprint,
+)
 from .runtime import resolve_device
 from .schema import SCHEMA_VERSION, output_schema, rows_to_table
 from .sources import open_source

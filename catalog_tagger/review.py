@@ -248,10 +248,10 @@ def thumbnail_jpeg(path: str, size: int) -> bytes | None:
     from .preprocess import to_8bit
 
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
+        with Image.open(path) as opened:
+            opened.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
             # The same mode handling as tagging: 16-bit, palette, transparency onto white.
-            img = to_8bit(ImageOps.exif_transpose(img))
+            img = to_8bit(ImageOps.exif_transpose(opened))
             img.thumbnail((size, size))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=70, optimize=True)

@@ -49,7 +49,9 @@ for (const sel of document.querySelectorAll("select.label")) {{
   }}
   const id = sel.closest("tr").dataset.path;
   if (saved[id]) sel.value = saved[id];
-  sel.addEventListener("change", () => {{ saved[id] = sel.value; localStorage.setItem(KEY, JSON.stringify(saved)); update(); }});
+  sel.addEventListener("change", () => {{
+    saved[id] = sel.value; localStorage.setItem(KEY, JSON.stringify(saved)); update();
+  }});
 }}
 function csvField(s) {{ return /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }}
 function labelsCsv() {{

@@ -41,9 +41,18 @@ from .checkpoint import LoadedModel, atomic_write_json, load_model, shareable_mo
 from .config import TagConfig
 from .errors import Interrupted, OutputError, SourceError, TooManyErrors, UsageError
 from .incremental import PreviousOutput
+from .outputs import (
+    RUN_STATE,
+    lock_path,
+    open_lock,
+    owned_parts,
+    parts_dir,
+    refuse_foreign_parts,
+    refuse_inputs,
+    resolve_output,
+    summary_path,
+)
 from .precision_check import PrecisionCheck, check_target_precision
-from .outputs import (RUN_STATE, lock_path, open_lock, owned_parts, parts_dir, refuse_foreign_parts, refuse_inputs,
-                      resolve_output, summary_path)
 from .runtime import resolve_device, resolve_workers
 from .schema import SCHEMA_VERSION, output_schema
 from .sources import Record, open_source
@@ -124,7 +133,8 @@ def output_lock(out: Path) -> Iterator[None]:
         except (BlockingIOError, PermissionError):
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise OutputError(f"{out} is being written by another run ({holder}); wait for it or remove that run")
+            raise OutputError(f"{out} is being written by another run ({holder}); "
+                              "wait for it or remove that run") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}")

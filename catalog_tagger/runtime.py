@@ -112,7 +112,7 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
         # the CPU's to float32 rounding, and this network is nowhere near compute-bound there.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    return fold_batchnorm(model).to(device=device, memory_format=torch.channels_last)
+    return fold_batchnorm(model).to(device).to(memory_format=torch.channels_last)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -27,17 +27,34 @@ from tqdm.auto import tqdm
 from . import __version__
 from .augment import train_augment
 from .calibration import calibrate, softmax
-from .checkpoint import (LoadedModel, atomic_write_json, holds_model, load_model, load_training_state,
-                         output_folder, save_model, save_training_state)
+from .checkpoint import (
+    LoadedModel,
+    atomic_write_json,
+    holds_model,
+    load_model,
+    load_training_state,
+    output_folder,
+    save_model,
+    save_training_state,
+)
 from .config import TrainConfig
 from .data.labeled import LabeledArrays, TrainingData, fashion_mnist_data, load_labeled, own_data
 from .distributed import DistInfo, barrier, device_for, setup, sum_across, teardown
 from .errors import ModelError, OutputError, UsageError
 from .metrics import classification_report
-from .model import FASHION_MNIST_CLASSES, ModelConfig, build_model
+from .model import FASHION_MNIST_CLASSES, GarmentNet, ModelConfig, build_model
 from .preprocess import PREPROCESSING
-from .runtime import (describe_device, precision_name, predict_logits_array, prepare_model, resolve_device,
-                      resolve_workers, to_unit, training_autocast, training_dtype)
+from .runtime import (
+    describe_device,
+    precision_name,
+    predict_logits_array,
+    prepare_model,
+    resolve_device,
+    resolve_workers,
+    to_unit,
+    training_autocast,
+    training_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +96,7 @@ class TrainState:
     """What training changes besides the weights, and so what a checkpoint holds and
     --resume restores: optimizer, LR schedule, random generators, history, epochs done."""
 
-    model: nn.Module  # the plain module, evaluated and saved
+    model: GarmentNet  # the plain module, evaluated and saved
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # the shuffle: the same sequence on every rank
@@ -290,7 +307,7 @@ def _start(config: TrainConfig, data: TrainingData, init: LoadedModel | None, de
     model = build_model(init.config if init is not None else _model_config(config, data.train))
     if init is not None:
         model.load_state_dict(init.model.state_dict())
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     # Under torchrun, DDP averages gradients across ranks; `model` stays the plain module
     # (same parameters) for evaluation and saving.
     net: nn.Module = model

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-
 # Where a writer writes: a path, or a binary file object opened by the caller.
 Sink = Path | BinaryIO
 

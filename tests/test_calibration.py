@@ -4,8 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catalog_tagger.calibration import (calibrate, expected_calibration_error, fit_temperature, review_table,
-                                        softmax, threshold_for_precision)
+from catalog_tagger.calibration import (
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    review_table,
+    softmax,
+    threshold_for_precision,
+)
 
 from .conftest import SAMPLE
 

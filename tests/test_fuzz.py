@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from catalog_tagger.decode import STATUSES
 from catalog_tagger.synth import render_catalog_photo

@@ -6,8 +6,16 @@ import torch
 from catalog_tagger import runtime
 from catalog_tagger.checkpoint import load_model
 from catalog_tagger.model import ModelConfig, build_model
-from catalog_tagger.runtime import (CPU_CHUNK, fold_batchnorm, native_bf16, precision_name, predict_logits,
-                                    prepare_model, training_autocast, training_dtype)
+from catalog_tagger.runtime import (
+    CPU_CHUNK,
+    fold_batchnorm,
+    native_bf16,
+    precision_name,
+    predict_logits,
+    prepare_model,
+    training_autocast,
+    training_dtype,
+)
 
 CPU = torch.device("cpu")
 

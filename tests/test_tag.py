@@ -150,7 +150,7 @@ def test_parquet_has_documented_types_and_metadata(run_cli, tmp_path):
 
 @pytest.mark.parametrize("fmt", sorted(WRITERS))
 def test_every_registered_format_round_trips_the_same_rows(run_cli, tmp_path, fmt):
-    out = tmp_path / f"tags.out"
+    out = tmp_path / "tags.out"
     assert _tag(run_cli, SAMPLE, out, "--format", fmt).exit_code == 0
     rows = pd.read_parquet(out) if fmt == "parquet" else pd.read_csv(out, keep_default_na=False)
     assert len(rows) == 43 and rows["status"].value_counts()["ok"] == 40

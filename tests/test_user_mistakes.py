@@ -493,7 +493,8 @@ def test_train_never_overwrites_a_model_unless_asked(tmp_path, tiny_data_dir, mo
     assert card["weights_sha256"] != json.loads(before["model.json"])["weights_sha256"]
     # The card names the weights it vouches for; the replaced weights are gone.
     assert sorted(p.name for p in model_copy.glob("*.safetensors")) == [card["weights_file"]]
-    assert cli("tag", SAMPLE / "images" / "broken", "--model", model_copy, "--out", tmp_path / "t.parquet").returncode == 0
+    proc = cli("tag", SAMPLE / "images" / "broken", "--model", model_copy, "--out", tmp_path / "t.parquet")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_review_workbook_keeps_formula_like_names_as_text(tmp_path):
@@ -511,4 +512,5 @@ def test_a_review_workbook_keeps_formula_like_names_as_text(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cells = [c for row in load_workbook(book).worksheets[0].iter_rows() for c in row
              if isinstance(c.value, str) and hostile in c.value]
-    assert cells and all(c.data_type == "s" and c.value.endswith(hostile) for c in cells), [(c.data_type, c.value) for c in cells]
+    assert cells, "the hostile name is missing from the workbook"
+    assert all(c.data_type == "s" and c.value.endswith(hostile) for c in cells), [(c.data_type, c.value) for c in cells]

@@ -123,7 +123,7 @@ def decode_records(records: Sequence[Record], config: ModelConfig, workers: int,
         log.warning("skipping %s: %s (%s)", p["path"], p["status"], p["error"])
     if len(problems) > 5:
         log.warning("... and %d more images skipped", len(problems) - 5)
-    return arrays[ok], ok, problems  # type: ignore[return-value]
+    return arrays[ok], ok, problems
 
 
 def decode_paths(paths: list[str], config: ModelConfig, workers: int, progress: bool,
@@ -189,7 +189,8 @@ def _classes_from_labels(names: list[str]) -> tuple[str, ...]:
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/validation indices with every class represented in both where possible."""
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    train: list[int] = []
+    val: list[int] = []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         k = int(round(len(members) * val_fraction))
