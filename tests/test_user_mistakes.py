@@ -63,6 +63,18 @@ def model_copy(tmp_path: Path) -> Path:
     return folder
 
 
+def kill_after_first_shard(catalog: Path, out: Path) -> None:
+    """Start tagging ``catalog`` into ``out`` and kill -9 it once a shard is committed."""
+    proc = subprocess.Popen([TAGGER, "-q", "tag", str(catalog), "--out", str(out), "--workers", "0",
+                             "--shard-size", "4", "--batch-size", "2"])
+    deadline = time.monotonic() + 120
+    while not list(out.with_name(out.name + ".parts").glob("shard-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def edit_card(folder: Path, change) -> None:
     card_path = folder / "model.json"
     card = json.loads(card_path.read_text())
@@ -170,14 +182,7 @@ def test_nightly_job_recovers_after_a_killed_night_and_a_change_of_options(tmp_p
     out_dir.mkdir()
     out = out_dir / "tags.parquet"
     # A night killed after its first shard: the shard store stays behind.
-    proc = subprocess.Popen([TAGGER, "-q", "tag", str(catalog), "--out", str(out), "--workers", "0",
-                             "--shard-size", "4", "--batch-size", "2"])
-    deadline = time.monotonic() + 120
-    while not list((out_dir / "tags.parquet.parts").glob("shard-*.parquet")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_shard(catalog, out)
     # The next night runs with other options (EXTRA_ARGS changed): it must start over, not fail.
     night = _nightly(catalog, out_dir, "--workers 0 --top-k 2")
     assert night.returncode == 0, night.stderr
@@ -241,14 +246,7 @@ def test_resume_with_other_decoding_limits_is_refused(tmp_path):
     catalog = tmp_path / "catalog"
     shutil.copytree(SAMPLE / "images", catalog)
     out = tmp_path / "tags.parquet"
-    proc = subprocess.Popen([TAGGER, "-q", "tag", str(catalog), "--out", str(out), "--workers", "0",
-                             "--shard-size", "4", "--batch-size", "2"])
-    deadline = time.monotonic() + 120
-    while not list((tmp_path / "tags.parquet.parts").glob("shard-*.parquet")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_shard(catalog, out)
     for option in (("--max-pixels", "1000"), ("--time-limit", "5")):
         one_sentence(cli("tag", catalog, "--out", out, "--shard-size", "4", "--resume", *option), 2)
     proc = cli("tag", catalog, "--out", out, "--shard-size", "4", "--resume", "--workers", "0")
