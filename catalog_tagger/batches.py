@@ -21,7 +21,7 @@ from .checkpoint import sha256_file
 from .config import TagConfig
 from .decode import decode_file
 from .model import ModelConfig
-from .runtime import predict_logits
+from .runtime import predict_features_and_logits, predict_logits
 from .sources import Record
 
 _DEFAULTS = TagConfig()
@@ -67,13 +67,16 @@ class Batch:
     that have one (``has_array``), stacked in the same order.
 
     Once the model has run on the stack (``Collate`` with a model), ``logits`` holds its
-    output and ``images`` is dropped: the pixels need not travel back from the worker.
+    output and ``images`` is dropped: the pixels need not travel back from the worker. For
+    a model with an out-of-scope detector the images stay (it reads their ink) and
+    ``features`` holds what the head read.
     """
 
     items: list[ItemInfo]
     has_array: list[bool]
     images: torch.Tensor | None = None  # uint8 (n, C, S, S), n = sum(has_array); None when n = 0
     logits: torch.Tensor | None = None  # (n, classes), when the model already ran
+    features: torch.Tensor | None = None  # (n, D), when the model already ran for a detector
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True): page-locked images copy to a GPU faster."""
@@ -130,8 +133,10 @@ class Collate:
     process (CUDA cannot be used from forked workers).
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, out_of_scope: bool = False) -> None:
         self.model = model
+        # The detector needs the pooled features and the images besides the logits.
+        self.out_of_scope = out_of_scope
 
     def __call__(self, items: Sequence[DecodedItem]) -> Batch:
         # Only real arrays count: a batch that crossed a process boundary as a column may
@@ -140,6 +145,9 @@ class Collate:
         good = [a for a in arrays if a is not None]
         images = torch.from_numpy(np.stack(good)) if good else None
         batch = Batch([item.info for item in items], [a is not None for a in arrays], images)
-        if images is not None and self.model is not None:
-            return replace(batch, images=None, logits=predict_logits(self.model, images, torch.device("cpu")))
-        return batch
+        if images is None or self.model is None:
+            return batch
+        if self.out_of_scope:
+            features, logits = predict_features_and_logits(self.model, images, torch.device("cpu"))
+            return replace(batch, logits=logits, features=features)
+        return replace(batch, images=None, logits=predict_logits(self.model, images, torch.device("cpu")))

@@ -11,6 +11,7 @@ Nothing here unpickles: weights go through safetensors, training state through
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ModelError, OutputError
 from .model import GarmentNet, ModelConfig, build_model
+from .out_of_scope import Detector
 
 CARD_FORMAT = 1
 BUNDLED_DIR = Path(__file__).parent / "models"
@@ -58,12 +60,24 @@ class LoadedModel:
 
     @property
     def ident(self) -> str:
-        """Name, a short weights hash and a short hash of the calibration: what output rows
-        record as their model. ``calibrate`` changes confidences without touching the weights,
-        so rows tagged before and after it must not count as the same model."""
+        """Name, a short weights hash and a short hash of the calibration (and of the
+        out-of-scope detector, when the card has one): what output rows record as their model.
+        ``calibrate`` changes confidences and decisions without touching the weights, so rows
+        tagged before and after it must not count as the same model."""
         calibration = json.dumps(self.card.get("calibration"), sort_keys=True).encode()
-        return (f"{self.card.get('name', self.weights_path.stem)}@sha256:{self.sha256[:12]}"
-                f"+cal:{hashlib.sha256(calibration).hexdigest()[:8]}")
+        ident = (f"{self.card.get('name', self.weights_path.stem)}@sha256:{self.sha256[:12]}"
+                 f"+cal:{hashlib.sha256(calibration).hexdigest()[:8]}")
+        if self.card.get("out_of_scope") is not None:
+            detector = json.dumps(self.card["out_of_scope"], sort_keys=True).encode()
+            ident += f"+oos:{hashlib.sha256(detector).hexdigest()[:8]}"
+        return ident
+
+    @functools.cached_property
+    def detector(self) -> Detector | None:
+        """The card's out-of-scope detector (checked when the card was read); None when the
+        card has none: every decoded photo is then tagged with one of the classes."""
+        data = self.card.get("out_of_scope")
+        return Detector.from_dict(data) if data is not None else None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -221,6 +235,7 @@ def read_card(card_path: Path) -> dict[str, Any]:
     if not isinstance(card, dict) or "weights_sha256" not in card or not isinstance(card.get("model_config"), dict):
         raise ModelError(f"{card_path} is not a catalog-tagger model card (no weights_sha256/model_config)")
     _check_calibration(card.get("calibration"), card_path)
+    _check_out_of_scope(card.get("out_of_scope"), card_path)
     return card
 
 
@@ -243,6 +258,16 @@ def _check_calibration(calibration: Any, card_path: Path) -> None:
     if not isinstance(table, list) or not all(
             isinstance(row, list) and len(row) >= 3 and all(_finite(v) for v in row[:3]) for row in table):
         raise ModelError(f"{bad} review table (rows need a finite threshold, precision and coverage)")
+
+
+def _check_out_of_scope(data: Any, card_path: Path) -> None:
+    """Refuse an out-of-scope block that tagging could not use (absent or null: detector off)."""
+    if data is None:
+        return
+    try:
+        Detector.from_dict(data)
+    except ValueError as exc:
+        raise ModelError(f"model card {card_path} has an invalid out_of_scope detector: {exc}") from None
 
 
 def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | None = None) -> LoadedModel:
@@ -268,6 +293,12 @@ def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | Non
         raise ModelError(f"{card_path}: invalid model config: {exc}") from exc
     if list(config.classes) != list(card.get("classes", config.classes)):
         raise ModelError(f"{card_path}: class list disagrees with the model config")
+    detector = card.get("out_of_scope")
+    if detector is not None:
+        try:
+            Detector.from_dict(detector).check_fits(config.num_classes, config.widths[-1])
+        except ValueError as exc:
+            raise ModelError(f"{card_path}: the out_of_scope detector does not fit the model: {exc}") from None
     if expected_classes is not None and tuple(expected_classes) != config.classes:
         raise ModelError(f"{card_path}: model classes {list(config.classes)} differ from the expected "
                          f"{list(expected_classes)}")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UsageError
-from .schema import OUTPUT_COLUMNS, rows_to_table, utf8_text
+from .schema import MODEL_STATUSES, OUTPUT_COLUMNS, rows_to_table, utf8_text
 from .sources import Record
 from .tagging import file_sha256
 
@@ -45,7 +45,7 @@ class PreviousOutput:
             p: (i, s, m, h)
             for i, (p, s, m, h, mod, status, k) in enumerate(
                 zip(paths, sizes, mtimes, hashes, models, statuses, top_lengths))
-            if mod == model_ident and status == "ok" and s is not None and k >= top_k
+            if mod == model_ident and status in MODEL_STATUSES and s is not None and k >= top_k
         }
 
     @classmethod
@@ -105,7 +105,8 @@ class PreviousOutput:
             if pos in old_by_pos:
                 row = dict(old_by_pos[pos])
                 row["image_id"] = record.image_id
-                row["needs_review"] = row["confidence"] < self.review_threshold
+                # An out-of-scope row has no confidence and always needs a look.
+                row["needs_review"] = row["status"] != "ok" or row["confidence"] < self.review_threshold
                 row["topk_labels"] = row["topk_labels"][: self.top_k]
                 row["topk_scores"] = row["topk_scores"][: self.top_k]
                 row.update(record.extra)

@@ -159,11 +159,20 @@ class GarmentNet(nn.Module):
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self._pooled(x)))
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
-        x = self.features(x)
         # Global max pool: position-invariant, which suits off-centre catalog crops.
-        x = torch.amax(x, dim=(2, 3))
-        return self.head(self.dropout(x))
+        return torch.amax(self.features(x), dim=(2, 3))
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the head reads (N, D), averaged with the mirror image's under flip
+        TTA, so that in eval mode ``head(pooled_features(x))`` equals ``forward(x)`` to float
+        rounding (the head is linear). The out-of-scope detector scores them."""
+        if self.config.flip_tta and not self.training:
+            return (self._pooled(x) + self._pooled(x.flip(-1))) / 2
+        return self._pooled(x)
 
 
 def build_model(config: ModelConfig) -> GarmentNet:

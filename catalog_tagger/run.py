@@ -54,7 +54,7 @@ from .outputs import (
 )
 from .precision_check import PrecisionCheck, check_target_precision
 from .runtime import resolve_device, resolve_workers
-from .schema import SCHEMA_VERSION, output_schema
+from .schema import MODEL_STATUSES, SCHEMA_VERSION, output_schema
 from .sources import Record, open_source
 from .tagging import Tagger, TagSettings
 from .writers import WRITERS, format_for, open_writer
@@ -81,7 +81,8 @@ class Summary:
 
     @property
     def failed(self) -> int:
-        return self.total - self.by_status.get("ok", 0)
+        """Rows whose file could not be tagged; an out-of-scope photo was read and judged."""
+        return self.total - sum(self.by_status.get(s, 0) for s in MODEL_STATUSES)
 
     @property
     def images_per_second(self) -> float:

@@ -7,6 +7,7 @@ import copy
 import os
 import platform
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .model import GarmentNet
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +170,18 @@ def predict_logits(model: nn.Module, batch: torch.Tensor, device: torch.device) 
     # split() yields at least one (possibly empty) part, so an empty batch gives (0, classes).
     parts = [model(to_unit(part, device)) for part in batch.split(max(1, chunk))]
     return torch.cat(parts).float().cpu()
+
+
+@torch.inference_mode()
+def predict_features_and_logits(model: nn.Module, batch: torch.Tensor, device: torch.device
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (N, D) and logits (N, classes), float32 on CPU, of a ``GarmentNet`` (or
+    its ``prepare_model`` copy) for one uint8 batch, in one pass: the logits are the head
+    applied to the features, equal to ``predict_logits``'s to float rounding."""
+    net = cast("GarmentNet", model)
+    chunk = CPU_CHUNK if device.type == "cpu" else len(batch)
+    feats = torch.cat([net.pooled_features(to_unit(part, device)) for part in batch.split(max(1, chunk))])
+    return feats.float().cpu(), net.head(feats).float().cpu()
 
 
 def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+# 2: status can be "out_of_scope" (a photo of none of the classes; label null, error says why).
+SCHEMA_VERSION = "2"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -33,6 +34,11 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("tagged_at", TIMESTAMP),
 )
 OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)
+# The status of a photo that decoded but is none of the model's classes (a belt, a blank page):
+# label, label_id and confidence are null, ``error`` says why, topk_* keep the nearest classes.
+OUT_OF_SCOPE = "out_of_scope"
+# Statuses of rows the model looked at; the others are files that could not be read.
+MODEL_STATUSES = ("ok", OUT_OF_SCOPE)
 # Renamed pass-through columns get this prefix so they never shadow ours.
 MANIFEST_PREFIX = "manifest_"
 

@@ -23,8 +23,8 @@ from .batches import file_sha256 as file_sha256  # re-exported: incremental.py c
 from .checkpoint import LoadedModel
 from .config import TagConfig
 from .runtime import default_workers as default_workers  # re-exported for older imports (review, learn)
-from .runtime import predict_logits, prepare_model
-from .schema import rows_to_table
+from .runtime import predict_features_and_logits, predict_logits, prepare_model
+from .schema import OUT_OF_SCOPE, rows_to_table
 from .sources import Record
 
 _DEFAULTS = TagConfig()
@@ -81,24 +81,47 @@ class Tagger:
         self.model = prepare_model(loaded.model, device)
         self.classes = loaded.classes
         self.top_k = max(1, min(settings.top_k, len(self.classes)))
+        self.detector = loaded.detector
+
+    def collate(self, on_cpu: bool) -> Collate:
+        """How a DataLoader worker should batch decoded items: with the model run there on CPU."""
+        return Collate(self.model if on_cpu else None, out_of_scope=self.detector is not None)
 
     def logits(self, batch: Batch) -> torch.Tensor | None:
         """The model's logits for the batch's images: computed already by ``Collate`` on
         CPU, computed here otherwise (None for a batch without images)."""
-        if batch.logits is not None:
-            return batch.logits
-        return predict_logits(self.model, batch.images, self.device) if batch.images is not None else None
+        return self._outputs(batch)[0]
 
-    def _ok_rows(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+    def _outputs(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits and, for a model with a detector, pooled features of the batch's images."""
+        if batch.logits is not None or batch.images is None:
+            return batch.logits, batch.features
+        if self.detector is not None:
+            features, logits = predict_features_and_logits(self.model, batch.images, self.device)
+            return logits, features
+        return predict_logits(self.model, batch.images, self.device), None
+
+    def _model_rows(self, batch: Batch) -> list[dict[str, Any]]:
+        """The model's part of the row of each image in the batch: a label, or out of scope."""
+        logits, features = self._outputs(batch)
+        if logits is None:
+            return []
         probs = torch.softmax(logits / self.loaded.temperature, dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
+        reasons: list[str | None] = [None] * len(logits)
+        if self.detector is not None and batch.images is not None and features is not None:
+            reasons = self.detector.reasons(features.numpy(), logits.numpy(), batch.images.numpy())
         rows = []
-        for s, i in zip(scores.tolist(), ids.tolist()):
-            rows.append({
-                "label": self.classes[i[0]], "label_id": i[0], "confidence": s[0],
-                "topk_labels": [self.classes[j] for j in i], "topk_scores": s,
-                "needs_review": s[0] < self.settings.review_threshold,
-            })
+        for s, i, reason in zip(scores.tolist(), ids.tolist(), reasons):
+            row = {"topk_labels": [self.classes[j] for j in i], "topk_scores": s}
+            if reason is None:
+                row.update(label=self.classes[i[0]], label_id=i[0], confidence=s[0],
+                           needs_review=s[0] < self.settings.review_threshold)
+            else:
+                # None of the classes: no label, and a person should look. The ranked classes
+                # stay as a hint of what it resembled.
+                row.update(status=OUT_OF_SCOPE, error=reason, needs_review=True)
+            rows.append(row)
         return rows
 
     def tag_records(self, records: Sequence[Record], schema: pa.Schema,
@@ -112,7 +135,7 @@ class Tagger:
             loader = DataLoader(
                 dataset, batch_size=even_batch_size(len(records), self.settings.batch_size, workers),
                 num_workers=workers,
-                collate_fn=Collate(self.model if on_cpu else None),
+                collate_fn=self.collate(on_cpu),
                 pin_memory=not on_cpu,
                 # Workers get a fresh interpreter state cheaply by fork where available.
                 multiprocessing_context="fork" if workers and "fork" in _start_methods() else None,
@@ -128,8 +151,7 @@ class Tagger:
         """Output rows for a decoded ``batch`` of ``records`` (one item per record, in order);
         the model runs on the batch's images unless ``Collate`` ran it already."""
         tagged_at = datetime.now(timezone.utc)
-        logits = self.logits(batch)
-        predictions = iter(self._ok_rows(logits)) if logits is not None else iter(())
+        predictions = iter(self._model_rows(batch))
         rows = []
         for record, item, has_array in zip(records, batch.items, batch.has_array):
             row = self._base_row(record, item, tagged_at)

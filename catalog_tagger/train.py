@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, out_of_scope
 from .augment import train_augment
 from .calibration import calibrate, softmax
 from .checkpoint import (
@@ -374,6 +374,7 @@ def _finish(state: TrainState, config: TrainConfig, command: str, data: Training
         test_probs = softmax(predict_logits_array(model, data.test.images, device, config.eval_batch_size))
         test_report = classification_report(data.test.labels, test_probs.argmax(1), model.config.classes)
     card = _model_card(state, config, command, data, init, settings, train_seconds, test_report, calibration)
+    card["out_of_scope"] = _fit_out_of_scope(model, data)
     card = save_model(model.cpu(), card, out / WEIGHTS_FILE)
     plot_training_curves(state.history.rows, out / "training_curves.png")
     return card
@@ -441,9 +442,18 @@ def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str 
     torch_device = resolve_device(device)
     model = prepare_model(loaded.model, torch_device)
     logits = predict_logits_array(model, data.val.images, torch_device, train_config.eval_batch_size)
-    card = {**loaded.card, "calibration": calibrate(logits, data.val.labels)}
+    card = {**loaded.card, "calibration": calibrate(logits, data.val.labels),
+            "out_of_scope": _fit_out_of_scope(loaded.model, data)}
     atomic_write_json(loaded.card_path, card)
     return card
+
+
+def _fit_out_of_scope(model: GarmentNet, data: TrainingData) -> dict[str, Any] | None:
+    """The card's out-of-scope detector, fitted on in-scope images only (training images for
+    the feature statistics, the validation split for the thresholds), with the model as
+    tagging runs it on CPU; None (detector off) when the validation split is too small."""
+    net = prepare_model(model, torch.device("cpu"))
+    return out_of_scope.fit_for_model(net, data.train.images, data.train.labels, data.val.images)
 
 
 def _resumable(config: TrainConfig) -> dict[str, Any]:

@@ -2,12 +2,14 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from catalog_tagger.checkpoint import load_model, load_training_state, save_model
 from catalog_tagger.errors import ModelError
 from catalog_tagger.model import ModelConfig, build_model
+from catalog_tagger.out_of_scope import Detector, FeatureGaussian
 
 
 @pytest.fixture()
@@ -117,4 +119,42 @@ def test_a_card_whose_class_list_does_not_fit_the_weights_is_refused(saved):
     card["model_config"]["classes"] = card["classes"] = ["shoe", "bag", "hat"]  # weights have 10 outputs
     (folder / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="do not fit the card"):
+        load_model(folder)
+
+
+def _detector(dim: int, classes: int = 10) -> dict:
+    eye = np.eye(dim)
+    return Detector("relative_mahalanobis", 50.0, 0.1, 0.8, 3.0, FeatureGaussian(np.zeros((classes, dim)), eye),
+                    FeatureGaussian(np.zeros((1, dim)), eye), "by hand", min_grain=0.02).to_dict()
+
+
+def _with_card_entry(folder, key, value):
+    card = json.loads((folder / "model.json").read_text())
+    card[key] = value
+    (folder / "model.json").write_text(json.dumps(card))
+
+
+def test_the_out_of_scope_detector_travels_in_the_card_and_names_the_model(saved):
+    _, _, folder = saved
+    plain = load_model(folder)
+    assert plain.detector is None and "+oos:" not in plain.ident  # no detector: every photo gets a class
+    _with_card_entry(folder, "out_of_scope", _detector(16))
+    loaded = load_model(folder)
+    assert loaded.detector is not None and loaded.detector.threshold == 50.0
+    # rows tagged with and without the detector must not count as the same model for --incremental
+    assert loaded.ident.startswith(plain.ident) and "+oos:" in loaded.ident
+
+
+@pytest.mark.parametrize("entry, message", [
+    (_detector(8), "does not fit the model"),               # features of another network (16 here)
+    (_detector(16, classes=3), "does not fit the model"),   # statistics of another class list
+    ({**_detector(16), "threshold": None}, "invalid out_of_scope"),
+    ({**_detector(16), "ink_high": 1.5}, "invalid out_of_scope"),
+    ({"method": "energy"}, "invalid out_of_scope"),
+    ("on", "invalid out_of_scope"),
+])
+def test_a_card_whose_detector_tagging_could_not_use_is_refused(saved, entry, message):
+    _, _, folder = saved
+    _with_card_entry(folder, "out_of_scope", entry)
+    with pytest.raises(ModelError, match=message):
         load_model(folder)

@@ -141,7 +141,7 @@ def test_parquet_has_documented_types_and_metadata(run_cli, tmp_path):
     assert types["width"] == "int32" and types["file_size"] == "int64"
     assert types["mtime"] == "timestamp[us, tz=UTC]"
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-    assert meta["catalog_tagger_schema_version"] == "1"
+    assert meta["catalog_tagger_schema_version"] == "2"
     assert json.loads(meta["classes"])[9] == "Ankle boot"
     card = json.loads(meta["model_card"])
     assert table["model"][0].as_py() == load_model().ident
