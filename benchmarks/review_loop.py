@@ -1,6 +1,7 @@
 """A simulated retailer running the review loop on real labeled photos.
 
     python benchmarks/review_loop.py /path/to/realphoto-dev --out runs/review-loop
+    python benchmarks/review_loop.py /path/to/realphoto-dev2 --styles studio home --budgets 50 100 200 --jobs 8
 
 For each budget N and each strategy, through the real CLI:
 
@@ -14,18 +15,23 @@ For each budget N and each strategy, through the real CLI:
 
 Reported on the photos *not* reviewed (out of sample): accuracy, and precision and
 coverage of the rows ``--target-precision`` auto-accepts. Writes ``results.json``,
-``results.md`` (a Markdown table) and ``learning_curve.png`` into ``--out``.
-The photo folder must hold ``images/`` and ``labels.csv`` (``file,label_id,label_name``).
+``results.md`` (a Markdown table per run and a summary over seeds) and
+``learning_curve.png`` into ``--out``. The photo folder must hold ``images/`` and
+``labels.csv`` (``file,label_id,label_name``, optionally ``style``); with ``--styles`` each
+style is a catalog of its own (tagged through a manifest of its photos), as a retailer with
+only studio or only home photos would run it.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,12 +72,12 @@ def score(tags: Path, truth: dict[str, str], reviewed: set[str]) -> dict[str, fl
             "coverage": float(accepted.mean())}
 
 
-def bound_rule(work: Path, truth: dict[str, str], reviewed: set[str], target: float) -> dict[str, float] | None:
+def point_rule(work: Path, truth: dict[str, str], reviewed: set[str], target: float) -> dict[str, float] | None:
     """Precision and coverage on the photos not reviewed when the threshold is the lowest
-    whose Clopper-Pearson 90% lower bound (card: review_table_bounds) reaches ``target``:
-    a stricter rule than tag --target-precision's point estimate."""
+    whose *point estimate* on the reviewed photos (card: review_table_bounds' precision)
+    reaches ``target``: what tag --target-precision did before it read the lower bound."""
     card = json.loads((work / "model" / "model.json").read_text())
-    rows = [r for r in card["calibration"]["review_table_bounds"] if r["precision_lower_bound"] >= target]
+    rows = [r for r in card["calibration"]["review_table_bounds"] if r["precision"] >= target]
     if not rows:
         return None
     threshold = max(rows, key=lambda r: r["coverage"])["threshold"]
@@ -87,58 +93,96 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("photos", type=Path, help="folder with images/ and labels.csv")
     parser.add_argument("--out", type=Path, default=Path("runs/review-loop"))
-    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--styles", nargs="+", default=None,
+                        help="run each style of labels.csv as its own catalog (default: all photos as one)")
+    parser.add_argument("--jobs", type=int, default=1, help="loops run at once (each is a chain of CLI calls)")
     parser.add_argument("--report-only", action="store_true",
-                        help="recompute the table from the runs already in --out (results.jsonl)")
+                        help="recompute the tables from the runs already in --out")
     parser.add_argument("--learn-args", default="", help="extra options for learn, e.g. '--epochs 20'")
+    parser.add_argument("--from-results", type=Path, nargs="+",
+                        help="only redraw the tables and the plot from these results.json files (merged)")
     args = parser.parse_args()
+    if args.from_results:
+        write_report([row for f in args.from_results for row in json.loads(f.read_text())], args.out)
+        return
+    if args.jobs > 1:  # loops side by side: each process gets its share of the cores
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
     labels = pd.read_csv(args.photos / "labels.csv")
     truth = {os.path.abspath(args.photos / f): name for f, name in zip(labels["file"], labels["label_name"])}
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / "tags.parquet"
-    if not base.exists():
-        run("tag", args.photos / "images", "--out", base)
-    results = [{"strategy": "none (bundled model)", "budget": 0, "seed": None, **score(base, truth, set())}]
-    for target in TARGETS:
-        tagged = out / f"bundled-{target}.parquet"
+    catalogs = {"all": labels} if not args.styles else {s: labels[labels["style"] == s] for s in args.styles}
+    results: list[dict] = []
+    tasks = []
+    for name, rows in catalogs.items():
+        out = args.out / name
+        out.mkdir(parents=True, exist_ok=True)
+        source = args.photos / "images"
+        if args.styles:  # a manifest of this style's photos is the catalog
+            source = out / "manifest.csv"
+            pd.DataFrame({"path": [os.path.abspath(args.photos / f) for f in rows["file"]]}).to_csv(source, index=False)
+        base = out / "tags.parquet"
         if not args.report_only:
-            run("tag", args.photos / "images", "--out", tagged, "--target-precision", target)
-        results[0][f"at_{target}"] = score(tagged, truth, set())
-    for seed in args.seeds:
-        for budget in args.budgets:
-            for strategy, extra in (("review", []), ("random", ["--random-share", "1"])):
-                work = out / f"{strategy}-{budget}-s{seed}"
-                t0 = time.perf_counter()
-                if args.report_only:
-                    if not (work / "tags.parquet").exists():
-                        continue
-                else:
-                    loop(args, base, work, truth, seed, budget, extra)
-                row = {"strategy": strategy, "budget": budget, "seed": seed, **evaluate_run(work, truth)}
-                row["seconds"] = round(time.perf_counter() - t0, 1)
-                results.append(row)
-                print(json.dumps(row), flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(table(results))
+            run("tag", source, "--out", base)
+            for target in TARGETS:
+                run("tag", source, "--out", out / f"bundled-{target}.parquet", "--target-precision", target)
+        bundled = {"catalog": name, "strategy": "none (bundled model)", "budget": 0, "seed": None,
+                   **score(base, truth, set())}
+        for target in TARGETS:
+            bundled[f"at_{target}"] = score(out / f"bundled-{target}.parquet", truth, set())
+        results.append(bundled)
+        for seed in args.seeds:
+            for budget in args.budgets:
+                if budget >= len(rows):
+                    continue  # nothing would be left to measure on
+                for strategy, extra in (("review", []), ("random", ["--random-share", "1"])):
+                    tasks.append((name, source, base, out / f"{strategy}-{budget}-s{seed}", seed, budget, strategy,
+                                  extra))
+
+    done, lock = list(results), threading.Lock()
+
+    def one(task: tuple) -> dict:
+        name, source, base, work, seed, budget, strategy, extra = task
+        t0 = time.perf_counter()
+        if not args.report_only:
+            loop(args, source, base, work, truth, seed, budget, extra)
+        elif not (work / "tags.parquet").exists():
+            return {}
+        row = {"catalog": name, "strategy": strategy, "budget": budget, "seed": seed, **evaluate_run(work, truth)}
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(row), flush=True)
+        with lock:  # written after every loop: a run cut short keeps what it finished
+            done.append(row)
+            (args.out / "results.json").write_text(json.dumps(done, indent=1))
+        return row
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each loop is subprocesses
+        results += [row for row in pool.map(one, tasks) if row]
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, args.out)
+
+
+def write_report(results: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    report = table(results) + "\n" + summary(results)
+    (out / "results.md").write_text(report)
     plot(results, out / "learning_curve.png")
-    print(table(results))
+    print(report)
 
 
-def loop(args: argparse.Namespace, base: Path, work: Path, truth: dict[str, str], seed: int, budget: int,
-         extra: list[str]) -> None:
+def loop(args: argparse.Namespace, source: Path, base: Path, work: Path, truth: dict[str, str], seed: int,
+         budget: int, extra: list[str]) -> None:
     """review -> fill as a person would -> learn -> tag (plain and at each target)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     run("review", base, "--budget", budget, "--out", work / "review.xlsx", "--seed", seed, *extra)
     fill(work / "review.xlsx", truth)
     run("learn", work / "review.xlsx", "--out", work / "model", "--seed", seed, *args.learn_args.split())
-    run("tag", args.photos / "images", "--model", work / "model", "--out", work / "tags.parquet")
+    run("tag", source, "--model", work / "model", "--out", work / "tags.parquet")
     for target in TARGETS:
         try:
-            run("tag", args.photos / "images", "--model", work / "model", "--out", work / f"tags-{target}.parquet",
+            run("tag", source, "--model", work / "model", "--out", work / f"tags-{target}.parquet",
                 "--target-precision", target)
         except SystemExit:  # no threshold reaches the target on the reviewed photos
             pass
@@ -152,24 +196,49 @@ def evaluate_run(work: Path, truth: dict[str, str]) -> dict:
     for target in TARGETS:
         tagged = work / f"tags-{target}.parquet"
         row[f"at_{target}"] = score(tagged, truth, reviewed) if tagged.exists() else None
-        row[f"bound_{target}"] = bound_rule(work, truth, reviewed, target)
+        row[f"point_{target}"] = point_rule(work, truth, reviewed, target)
     return row
 
 
-def table(results: list[dict]) -> str:
-    def at(row: dict, target: float, key: str = "at") -> str:
-        got = row.get(f"{key}_{target}")
-        return "no threshold" if not got else f"{got['precision']:.1%} / {got['coverage']:.1%}"
+def _pc(got: dict | None) -> str:
+    return "no threshold" if not got else f"{got['precision']:.1%} / {got['coverage']:.1%}"
 
-    lines = ["| strategy | labels | seed | accuracy (not reviewed) | CV accuracy (card) | "
-             "precision / coverage at 0.90 | at 0.95 | lower-bound rule at 0.90 | at 0.95 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+
+def table(results: list[dict]) -> str:
+    lines = ["| catalog | strategy | labels | seed | accuracy (not reviewed) | CV accuracy (card) | "
+             "tag --target-precision 0.90: precision / coverage | 0.95 | point-estimate rule 0.90 | 0.95 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
         cv = f"{row['cv_accuracy']:.1%}" if "cv_accuracy" in row else "-"
-        lines.append(f"| {row['strategy']} | {row['budget']} | {row['seed'] if row['seed'] is not None else '-'} | "
-                     f"{row['accuracy']:.1%} (n={row['n']}) | {cv} | {at(row, 0.90)} | {at(row, 0.95)} | "
-                     f"{at(row, 0.90, 'bound') if row['budget'] else '-'} | "
-                     f"{at(row, 0.95, 'bound') if row['budget'] else '-'} |")
+        lines.append(f"| {row['catalog']} | {row['strategy']} | {row['budget']} | "
+                     f"{row['seed'] if row['seed'] is not None else '-'} | {row['accuracy']:.1%} (n={row['n']}) | "
+                     f"{cv} | {_pc(row.get('at_0.9'))} | {_pc(row.get('at_0.95'))} | "
+                     f"{_pc(row.get('point_0.9')) if row['budget'] else '-'} | "
+                     f"{_pc(row.get('point_0.95')) if row['budget'] else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(results: list[dict]) -> str:
+    """Mean and range over seeds of accuracy, and of what tag --target-precision accepted."""
+    lines = ["| catalog | labels | review: accuracy mean (min-max) | random: accuracy mean (min-max) | "
+             "review - random | review at 0.90: precision (min), coverage | review at 0.95: precision (min), "
+             "coverage |", "|---|---|---|---|---|---|---|"]
+    frame = pd.DataFrame([r for r in results if r["budget"]])
+    if frame.empty:
+        return ""
+    for (catalog, budget), rows in frame.groupby(["catalog", "budget"], sort=False):
+        acc = {s: rows[rows["strategy"] == s]["accuracy"] for s in ("review", "random")}
+        cells = [f"{a.mean():.1%} ({a.min():.1%}-{a.max():.1%}), {len(a)} seeds" if len(a) else "-"
+                 for a in acc.values()]
+        diff = f"{acc['review'].mean() - acc['random'].mean():+.1%}" if all(len(a) for a in acc.values()) else "-"
+        at = []
+        for target in TARGETS:
+            got = [r for r in rows[rows["strategy"] == "review"][f"at_{target}"] if r]
+            miss = len(rows[rows["strategy"] == "review"]) - len(got)
+            at.append("no threshold" if not got else
+                      f"{sum(g['precision'] for g in got) / len(got):.1%} ({min(g['precision'] for g in got):.1%}), "
+                      f"{sum(g['coverage'] for g in got) / len(got):.1%}" + (f"; {miss} without" if miss else ""))
+        lines.append(f"| {catalog} | {budget} | {cells[0]} | {cells[1]} | {diff} | {at[0]} | {at[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,21 +248,26 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for strategy in ("review", "random"):
-        rows = pd.DataFrame([r for r in results if r["strategy"] == strategy])
-        if rows.empty:
-            continue
-        mean = rows.groupby("budget")["accuracy"].mean()
-        ax.plot(mean.index, mean.values, marker="o", label=f"chosen by {strategy}" if strategy == "review"
-                else "chosen at random")
-    ax.axhline(results[0]["accuracy"], color="grey", linestyle="--", label="bundled model")
-    ax.set_xlabel("labels")
-    ax.set_ylabel("accuracy on photos not reviewed")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    catalogs = list(dict.fromkeys(r["catalog"] for r in results))
+    fig, axes = plt.subplots(1, len(catalogs), figsize=(5 * len(catalogs), 4), squeeze=False)
+    for ax, catalog in zip(axes[0], catalogs):
+        mine = [r for r in results if r["catalog"] == catalog]
+        for strategy in ("review", "random"):
+            rows = pd.DataFrame([r for r in mine if r["strategy"] == strategy])
+            if rows.empty:
+                continue
+            stats = rows.groupby("budget")["accuracy"].agg(["mean", "min", "max"])
+            ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                        marker="o", capsize=3, label="chosen by review" if strategy == "review" else "chosen at random")
+        ax.axhline(mine[0]["accuracy"], color="grey", linestyle="--", label="bundled model")
+        ax.axhline(0.9, color="green", linestyle=":", label="target 90%")
+        ax.set_title(catalog)
+        ax.set_xlabel("labels")
+        ax.set_ylabel("accuracy on photos not reviewed")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -329,7 +329,8 @@ def calibrate(ctx: click.Context, model: Path, data_dir: Path | None, device: st
 @click.option("--thumbnail-size", type=click.IntRange(16, 512), default=default(ReviewConfig, "thumbnail_size"),
               show_default=True, help="Longest side of each thumbnail in pixels.")
 @click.option("--model", type=click.Path(path_type=Path),
-              help="Model whose class names fill the drop-down when TAGS is a CSV (default: bundled).")
+              help="Model whose features group the photos (and whose class names fill the drop-down when TAGS "
+                   "is a CSV); default: bundled.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.pass_context
 @reports_errors
@@ -337,17 +338,17 @@ def review(ctx: click.Context, tags: Path, budget: int, out: Path, exclude: tupl
            seed: int, thumbnail_size: int, model: Path | None, overwrite: bool) -> None:
     """Choose the photos of a `tag` output (TAGS) most worth labelling, into a workbook or page.
 
-    A random slice (why = random) measures the model without bias; the rest are the
-    photos it is least sure of, from every predicted class (why = uncertain). Fill in
-    correct_label, then run `catalog-tagger learn`.
+    A random slice (why = random) measures the model without bias; the rest are the most
+    typical photos of as many different kinds of photo as the budget allows (why =
+    typical). Fill in correct_label, then run `catalog-tagger learn`.
     """
     from .review import build_review
 
     config = ReviewConfig(tags=tags, out=out, budget=budget, random_share=random_share, exclude=exclude,
                           seed=seed, thumbnail_size=thumbnail_size, model=model, overwrite=overwrite)
     result = build_review(config)
-    whys = {w: sum(1 for i in result.items if i.why == w) for w in ("random", "uncertain")}
-    click.echo(f"{len(result.items)} photos to review ({whys['random']} random, {whys['uncertain']} uncertain; "
+    whys = {w: sum(1 for i in result.items if i.why == w) for w in ("random", "typical")}
+    click.echo(f"{len(result.items)} photos to review ({whys['random']} random, {whys['typical']} typical; "
                f"{result.candidates} candidates, {result.excluded} already reviewed) -> {result.out} "
                f"({_size(result.bytes)})", err=True)
 

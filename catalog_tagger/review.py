@@ -4,16 +4,19 @@ A review of N photos serves two purposes that pull in different directions:
 
 - measuring the model honestly needs photos drawn at random (``why = random``): precision
   estimated on them is unbiased for the photos that were not reviewed;
-- teaching the model needs photos that fix its mistakes, from every kind of photo in the
-  catalog (``why = uncertain``).
+- teaching the model needs photos that stand for the rest of the catalog (``why = typical``).
 
 So a share of the budget (``random_share``) is a seeded random draw from all taggable
-photos. The rest gets a quota per predicted class that grows with the square root of the
-class's size (every predicted class at least one photo; small classes get more than their
-share, large ones still most), filled by a seeded draw weighted by 1 - confidence + 1:
-less confident photos are up to twice as likely, yet the draw stays spread over the whole
-range (diversity). Exact duplicates (same sha256, from ``tag --hash``) are asked once.
-Why not simply the least confident photos: see ``UNCERTAINTY_FLOOR``.
+photos. The rest are the most typical photos of as many different kinds of photo as the
+budget allows: the photos are grouped into that many clusters by k-means on the model's
+penultimate features (what the network "sees"), and the photo nearest each cluster's centre
+is asked. Exact duplicates (same sha256, from ``tag --hash``) are asked once.
+
+Why not the least confident photos: measured on real photos (docs/review-loop.md), they
+taught the model less than a random draw. The bundled model's mistakes on real photos are
+mostly confident ones, and its least confident photos are odd ones (several items, unusual
+crops) that say little about the rest; with few labels, a weak model learns most from
+photos that look like many others, and from as many different looks as possible.
 """
 
 from __future__ import annotations
@@ -41,13 +44,8 @@ log = logging.getLogger(__name__)
 # keeps such rows out of class training.
 OTHER = "other"
 WHY_RANDOM = "random"
-WHY_UNCERTAIN = "uncertain"
-# Sampling weight of an uncertain-part photo is 1 - confidence + this floor. Measured on real
-# photos (docs/review-loop.md): taking only the smallest margins (floor 0) taught the model
-# less than a random draw (55% vs 74% accuracy after 50 labels), because the bundled model's
-# mistakes on real photos are mostly confident ones; a floor of 1 keeps the draw
-# representative while still favouring the unsure.
-UNCERTAINTY_FLOOR = 1.0
+WHY_TYPICAL = "typical"
+KMEANS_ITERATIONS = 25
 
 
 @dataclass
@@ -125,8 +123,12 @@ def reviewed_keys(files: list[Path]) -> set[str]:
     return keys
 
 
-def choose(frame: pd.DataFrame, budget: int, random_share: float, seed: int) -> list[tuple[int, str]]:
-    """Row positions with their ``why``: a random slice first, then uncertain ones."""
+def choose(frame: pd.DataFrame, budget: int, random_share: float, seed: int,
+           features: np.ndarray) -> list[tuple[int, str]]:
+    """Row positions with their ``why``: a random slice first, then typical ones.
+
+    ``features``: one row per frame row (the model's penultimate features); rows of NaN
+    (photos that no longer decode) can be drawn at random but are never typical."""
     n = len(frame)
     budget = min(budget, n)
     rng = np.random.default_rng(seed)
@@ -134,59 +136,93 @@ def choose(frame: pd.DataFrame, budget: int, random_share: float, seed: int) -> 
     if budget >= 4 and random_share > 0:
         n_random = max(1, n_random)
     picked = [(int(i), WHY_RANDOM) for i in sorted(rng.choice(n, size=n_random, replace=False))]
-    taken = {i for i, _ in picked}
-    picked += [(i, WHY_UNCERTAIN) for i in _uncertain(frame, budget - n_random, taken, rng)]
-    return picked
-
-
-def _uncertain(frame: pd.DataFrame, k: int, taken: set[int], rng: np.random.Generator) -> list[int]:
-    """``k`` rows not in ``taken``: a quota per predicted class, growing with the square
-    root of its size (every class at least one while the budget lasts), filled by weighted
-    sampling that favours low confidence without taking only the least confident."""
-    if k <= 0:
-        return []
-    confidence = frame["confidence"].to_numpy(np.float64)
-    free = np.array([i not in taken for i in range(len(frame))], bool)
+    free = np.ones(n, bool)
+    free[[i for i, _ in picked]] = False
+    free &= np.isfinite(features).all(1)
     if "sha256" in frame.columns:  # exact duplicates (tag --hash) are one photo to a person
         key = frame["sha256"]
         known = key.notna() & (key.astype(str) != "")
         free &= ~(key.duplicated() & known).to_numpy()
-    labels = frame["label"].astype(str).to_numpy()
-    members = {c: np.flatnonzero(free & (labels == c)) for c in sorted(set(labels[free]))}
-    quota = _allocate({c: math.sqrt(len(m)) for c, m in members.items()}, {c: len(m) for c, m in members.items()}, k)
+    picked += [(i, WHY_TYPICAL) for i in typical(features, free, budget - n_random, rng)]
+    return picked
+
+
+def typical(features: np.ndarray, free: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+    """``k`` rows among ``free``: k-means (k-means++ start) on the L2-normalised features,
+    then the row nearest each centre, largest cluster first."""
+    rows = np.flatnonzero(free)
+    k = min(k, len(rows))
+    if k <= 0:
+        return []
+    x = features[rows].astype(np.float64)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    centres, assigned = kmeans(x, k, rng)
     chosen: list[int] = []
-    for c, m in members.items():
-        if quota[c]:
-            weight = 1.0 - confidence[m] + UNCERTAINTY_FLOOR
-            chosen += rng.choice(m, quota[c], replace=False, p=weight / weight.sum()).tolist()
-    return sorted(chosen, key=lambda i: confidence[i])
+    sizes = np.bincount(assigned, minlength=k)
+    for c in np.argsort(-sizes, kind="stable"):
+        members = np.flatnonzero(assigned == c)
+        if len(members):
+            chosen.append(int(rows[members[np.argmin(((x[members] - centres[c]) ** 2).sum(1))]]))
+    if len(chosen) < k:  # an emptied cluster: top up at random, never ask fewer than asked for
+        left = np.setdiff1d(rows, chosen)
+        chosen += rng.choice(left, k - len(chosen), replace=False).tolist()
+    return chosen
 
 
-def _allocate(weight: dict[str, float], size: dict[str, int], k: int) -> dict[str, int]:
-    """Split ``k`` over classes: one each first (every predicted class represented, while
-    the budget lasts), the rest in proportion to ``weight``, never more than a class has."""
-    order = sorted(weight, key=lambda c: -weight[c])
-    share = {c: 0 for c in order}
-    for c in order[:k]:
-        share[c] = 1
-    left = k - sum(share.values())
-    while left > 0:
-        open_ = [c for c in order if share[c] < size[c]]
-        if not open_:
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means from a k-means++ start: centres (k, D) and each row's cluster."""
+    squared = (x ** 2).sum(1)
+
+    def distances(centres: np.ndarray) -> np.ndarray:  # (N, k), without an (N, k, D) array
+        return np.maximum(squared[:, None] - 2 * x @ centres.T + (centres ** 2).sum(1)[None], 0.0)
+
+    first = int(rng.integers(len(x)))
+    starts = [first]
+    nearest = distances(x[[first]])[:, 0]
+    # Greedy k-means++ (as scikit-learn does it): of a few candidates drawn in proportion to
+    # the squared distance, keep the one that leaves the least; a plain draw can still land
+    # in a large cluster twice and leave a small, distinct one without a centre.
+    trials = 2 + int(math.log(k))
+    for _ in range(1, k):
+        total = nearest.sum()
+        if total <= 0:
+            starts.append(int(rng.integers(len(x))))
+            continue
+        candidates = rng.choice(len(x), size=trials, p=nearest / total)
+        after = np.minimum(nearest[:, None], distances(x[candidates]))
+        best = int(after.sum(0).argmin())
+        starts.append(int(candidates[best]))
+        nearest = after[:, best]
+    centres = x[starts].copy()
+    assigned = distances(centres).argmin(1)
+    for _ in range(KMEANS_ITERATIONS):
+        for c in range(k):
+            members = assigned == c
+            if members.any():
+                centres[c] = x[members].mean(0)
+        moved = distances(centres).argmin(1)
+        if np.array_equal(moved, assigned):
             break
-        total = sum(weight[c] for c in open_)
-        want = {c: weight[c] / total * left for c in open_}
-        given = 0
-        for c in open_:
-            add = min(size[c] - share[c], math.floor(want[c]))
-            share[c] += add
-            given += add
-        if given == 0:  # remainders: one more to the classes with the largest ones
-            for c in sorted(open_, key=lambda c: -(want[c] - math.floor(want[c])))[:left]:
-                share[c] += 1
-                given += 1
-        left -= given
-    return share
+        assigned = moved
+    return centres, assigned
+
+
+def photo_features(paths: list[str], model: Path | None, workers: int | None = None) -> np.ndarray:
+    """The penultimate features of ``model`` (default: bundled) for each photo, decoded the
+    way tagging decodes it; NaN rows for photos that no longer decode. Any model of the
+    same input works: the features only say which photos look alike."""
+    from .checkpoint import load_model
+    from .data.labeled import decode_paths
+    from .out_of_scope import features_and_logits
+    from .tagging import default_workers
+
+    loaded = load_model(model)
+    workers = default_workers() if workers is None else workers
+    images, ok, _ = decode_paths(paths, loaded.config, min(workers, max(1, len(paths) // 256)), False)
+    feats, _ = features_and_logits(loaded.model, images)
+    out = np.full((len(paths), feats.shape[1]), np.nan, np.float32)
+    out[np.flatnonzero(ok)] = feats
+    return out
 
 
 def build_review(config: ReviewConfig) -> ReviewResult:
@@ -216,7 +252,8 @@ def build_review(config: ReviewConfig) -> ReviewResult:
     if frame.empty:
         raise DataError(f"{config.tags} has no taggable photo left to review "
                         f"({before} with status ok, {excluded} already reviewed)")
-    picks = choose(frame, config.budget, config.random_share, config.seed)
+    features = photo_features([str(p) for p in frame["path"]], config.model)
+    picks = choose(frame, config.budget, config.random_share, config.seed, features)
     items = [ReviewItem(str(frame["image_id"].iat[i]), str(frame["path"].iat[i]), str(frame["label"].iat[i]),
                         float(frame["confidence"].iat[i]), list(frame["topk"].iat[i]), why) for i, why in picks]
     if kind == ".xlsx":

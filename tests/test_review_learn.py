@@ -104,41 +104,57 @@ def test_review_workbook_has_thumbnails_dropdown_and_frozen_header(workbook: Pat
     assert wb[CLASSES_SHEET].sheet_state == "hidden"
 
 
-def test_review_takes_a_random_slice_and_every_predicted_class(workbook: Path, tags: Path) -> None:
+def test_review_takes_a_random_slice_and_typical_photos(workbook: Path, tags: Path) -> None:
     frame = pd.read_excel(workbook, header=1)
     assert (frame["why"] == "random").sum() == round(BUDGET * 0.25)
-    assert (frame["why"] == "uncertain").sum() == BUDGET - round(BUDGET * 0.25)
+    assert (frame["why"] == "typical").sum() == BUDGET - round(BUDGET * 0.25)
     assert frame["path"].is_unique
-    ok = pd.read_parquet(tags).query("status == 'ok'")
-    uncertain = frame[frame["why"] == "uncertain"]
-    assert set(uncertain["label"]) == set(ok["label"])
 
 
-def test_uncertain_part_favours_low_confidence_and_covers_every_class() -> None:
+def clustered(sizes: list[int], seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Features in tight clusters of the given sizes around orthogonal directions."""
+    rng = np.random.default_rng(seed)
+    cluster = np.repeat(np.arange(len(sizes)), sizes)
+    features = np.eye(len(sizes), 16)[cluster] + rng.normal(0, 0.01, (len(cluster), 16))
+    frame = pd.DataFrame({"label": "Shirt", "confidence": rng.random(len(cluster))})
+    return frame, features.astype(np.float32), cluster
+
+
+def test_typical_part_asks_one_central_photo_of_each_kind() -> None:
     from catalog_tagger.review import choose
 
-    rng = np.random.default_rng(0)
-    n = 2000
-    labels = np.where(np.arange(n) < 1900, "Shirt", np.where(np.arange(n) < 1990, "Bag", "Dress"))
-    confidence = np.where(rng.random(n) < 0.5, 0.99, 0.2)
-    frame = pd.DataFrame({"label": labels, "confidence": confidence})
-    frame["topk"] = [[(lab, c)] for lab, c in zip(labels, confidence)]
-    picks = choose(frame, 200, 0.25, seed=0)
-    assert len(picks) == 200 and len({i for i, _ in picks}) == 200
-    uncertain = [i for i, why in picks if why == "uncertain"]
-    assert len(uncertain) == 150 and {labels[i] for i in uncertain} == {"Shirt", "Bag", "Dress"}
-    # Weight 1.8 against 1.01: about 64% of draws are unsure photos, never all of them.
-    unsure = float(np.mean(confidence[uncertain] < 0.5))
-    assert 0.55 < unsure < 0.8
-    # Small classes get more than their share (square-root quota), the large one still most.
-    assert sum(labels[i] == "Dress" for i in uncertain) >= 5
-    assert sum(labels[i] == "Shirt" for i in uncertain) > 100
-    assert choose(frame, 200, 0.25, seed=0) == picks  # seeded
+    sizes = [900, 60, 30, 6, 4]  # one common look, rarer ones: a random draw of 5 would miss most
+    frame, features, cluster = clustered(sizes)
+    picks = choose(frame, 5, 0.0, 0, features)
+    assert [why for _, why in picks] == ["typical"] * 5
+    chosen = [i for i, _ in picks]
+    assert sorted(cluster[chosen]) == [0, 1, 2, 3, 4]  # every kind of photo, each once
+    assert list(cluster[chosen]) == [0, 1, 2, 3, 4]  # the largest kind first
+    # Typical: the photo nearest its cluster's centre, not an odd one at the edge.
+    for i in chosen:
+        members = np.flatnonzero(cluster == cluster[i])
+        centre = features[members].mean(0)
+        spread = np.linalg.norm(features[members] - centre, axis=1)
+        assert np.linalg.norm(features[i] - centre) <= np.quantile(spread, 0.2)
+    assert choose(frame, 5, 0.0, 0, features) == picks  # seeded
+
+
+def test_random_slice_is_uniform_and_typical_part_skips_what_cannot_be_grouped() -> None:
+    from catalog_tagger.review import choose
+
+    frame, features, cluster = clustered([500, 500])
+    features[::2] = np.nan  # photos that no longer decode: never typical, still in the random draw
+    picks = choose(frame, 40, 0.5, 3, features)
+    random = [i for i, why in picks if why == "random"]
+    typical = [i for i, why in picks if why == "typical"]
+    assert len(random) == 20 and len(typical) == 20 and not set(random) & set(typical)
+    assert all(i % 2 == 1 for i in typical)
+    assert any(i % 2 == 0 for i in random)
 
     # The same photo twice (same sha256, tag --hash) is asked once.
     twins = frame.iloc[:20].copy()
     twins["sha256"] = ["a" * 64] * 10 + [None] * 10
-    picks = choose(twins.reset_index(drop=True), 20, 0.0, seed=0)
+    picks = choose(twins.reset_index(drop=True), 20, 0.0, 0, np.random.default_rng(0).random((20, 4)))
     assert len(picks) == 11
 
 
@@ -190,6 +206,10 @@ def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Pat
     assert len(cal["review_table"]) == 101 and all(len(row) == 3 for row in cal["review_table"])
     for row in cal["review_table_bounds"]:
         assert 0 <= row["precision_lower_bound"] <= row["precision"] <= 1
+    # tag --target-precision reads the lower bound, never the optimistic point estimate.
+    assert [row[1] for row in cal["review_table"]] == [row["precision_lower_bound"]
+                                                        for row in cal["review_table_bounds"]]
+    assert any(row["precision_lower_bound"] < row["precision"] for row in cal["review_table_bounds"])
     whys = dict(zip(paths, [ws.cell(r, col["why"]).value for r in range(3, ws.max_row + 1)]))
     learned = [p for p in typed if typed[p] != "Other"]
     assert cal["random_slice"]["n"] == sum(whys[p] == "random" for p in learned)
@@ -360,7 +380,7 @@ document.body.appendChild(pre);
     rows = read_review_rows(downloaded)
     assert len(rows) == 10
     assert [r.correct_label for r in rows][:3] == ["Coat", "", "other"]
-    assert {r.why for r in rows} == {"random", "uncertain"}  # learn knows the random slice
+    assert {r.why for r in rows} == {"random", "typical"}  # learn knows the random slice
     assert {r.path for r in rows} <= set(pd.read_parquet(page.parent / "tags.parquet")["path"])
 
 
