@@ -146,12 +146,21 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
     order = order[dist_info.rank :: world]
     # Drop the ragged last batch: a tiny batch gives batch norm noisy statistics.
     n_batches = max(1, len(images) // world // batch_size)
-    total_loss = total_correct = seen = 0.0
+    # The augmentation reads the labels on the CPU (it draws there); one copy per epoch, not a
+    # device-to-host wait per step.
+    labels_cpu = labels.cpu()
+    # Loss and accuracy add up on the device: reading them each step (.item()) would make the
+    # CPU wait for the GPU every step instead of queueing the next one.
+    total_loss = torch.zeros((), device=device)
+    total_correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
     bar = tqdm(range(n_batches), desc=desc, disable=not settings.progress, leave=False, unit="batch")
     for i in bar:
-        idx = order[i * batch_size : (i + 1) * batch_size].to(images.device)
+        idx_cpu = order[i * batch_size : (i + 1) * batch_size]
+        idx = idx_cpu.to(images.device)
         y = labels[idx]
-        x = train_augment(to_unit(images[idx], device), y, aug_generator, worn_prob=settings.worn_prob)
+        x = train_augment(to_unit(images[idx], device), labels_cpu[idx_cpu], aug_generator,
+                          worn_prob=settings.worn_prob)
         with training_autocast(device, settings.dtype):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
@@ -160,12 +169,17 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
         state.optimizer.step()
         state.scheduler.step()
         n = len(idx)
-        total_loss += loss.item() * n
-        total_correct += (logits.argmax(1) == y).sum().item()
+        total_loss += loss.detach() * n
+        total_correct += (logits.argmax(1) == y).sum()
         seen += n
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}")
-    total_loss, total_correct, seen = sum_across([total_loss, total_correct, seen], dist_info, device)
-    return total_loss / seen, total_correct / seen
+        if settings.progress and i % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(total_correct) / seen:.3f}")
+    loss_sum, correct, count = sum_across([float(total_loss), float(total_correct), float(seen)], dist_info, device)
+    return loss_sum / count, correct / count
+
+
+# Steps between updates of the progress bar's loss and accuracy (each update waits for the GPU).
+PROGRESS_EVERY = 25
 
 
 # Batch norm's running statistics are an average over the last ~10 steps (momentum 0.1), taken
@@ -202,7 +216,7 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, labels: torch.Te
     order = torch.randperm(len(images), generator=generator)
     for i in range(max(1, min(len(images), BN_IMAGES) // batch_size)):
         idx = order[i * batch_size : (i + 1) * batch_size].to(images.device)
-        model(train_augment(to_unit(images[idx], settings.device), labels[idx], generator,
+        model(train_augment(to_unit(images[idx], settings.device), labels[idx].cpu(), generator,
                             worn_prob=settings.worn_prob))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
