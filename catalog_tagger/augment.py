@@ -6,8 +6,19 @@ batch instead of a Python call per image, which matters on a 2-core CPU.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 import torch.nn.functional as F
+
+
+class AugmentOptions(TypedDict):
+    """How often each simulation of real photos is applied (see ``train_augment``)."""
+
+    worn_prob: float
+    headless_prob: float
+    pair_prob: float
+    floor_prob: float
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -36,17 +47,42 @@ def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def train_augment(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, pad: int = 2,
-                  worn_prob: float = 0.0) -> torch.Tensor:
-    """The augmentation applied to every training batch."""
-    x = worn_by_a_model(x, labels, generator, worn_prob)
+def train_augment(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *, pad: int = 2,
+                  worn_prob: float = 0.0, headless_prob: float = 0.0, pair_prob: float = 0.0,
+                  floor_prob: float = 0.0) -> torch.Tensor:
+    """The augmentation applied to every training batch. ``labels`` are best on the CPU
+    (the drawing decisions are taken there). A probability of 0 draws nothing from
+    ``generator``, so adding an augmentation leaves the others' random streams as they were."""
+    x = worn_by_a_model(x, labels, generator, worn_prob, headless_prob)
+    x = shoes_in_pairs(x, labels, generator, pair_prob)
+    x = lift_to_floor(x, generator, floor_prob)
     return random_translate(random_flip(x, generator), pad, generator)
+
+
+# The level the conversion of a real photo lifts every item pixel to (preprocess.FLOOR, of 255).
+FLOOR = 40 / 255
+# Fashion-MNIST's background is 0; its items' pixels are lit at least this much.
+ITEM_LEVEL = 0.02
+
+
+def lift_to_floor(x: torch.Tensor, generator: torch.Generator, prob: float) -> torch.Tensor:
+    """Lift the inside of some items to the floor the real-photo conversion gives every item
+    pixel (``preprocess`` item-floor): a white shirt on white is a faint shape there, and
+    dark patterns of Fashion-MNIST items never look this way on a real photo. The item's
+    edge (pixels with background around them) keeps its soft ramp."""
+    if prob <= 0:
+        return x
+    chosen = (torch.rand(x.shape[0], generator=generator) < prob).to(x.device).view(-1, 1, 1, 1)
+    item = (x > ITEM_LEVEL).float()
+    inside = -F.max_pool2d(-item, 3, stride=1, padding=1) > 0  # eroded: every neighbour is item too
+    return torch.where(chosen & inside, x.clamp(min=FLOOR), x)
 
 
 # Fashion-MNIST class ids, for the catalog-photo simulation below.
 UPPER_BODY = (0, 2, 3, 4, 6)  # T-shirt/top, Pullover, Dress, Coat, Shirt
 TROUSER = 1
 DRESS = 3
+FOOTWEAR = (5, 7, 9)  # Sandal, Sneaker, Ankle boot
 
 
 # The simulated model is drawn on a canvas this wide (in pixels of a 28-wide body scale) and
@@ -138,7 +174,8 @@ def fit_to_canvas(canvas: torch.Tensor, size: int) -> torch.Tensor:
     return out.clamp(0, 1) * lit_rows.any(1).view(k, 1, 1).to(device)
 
 
-def _figure(u: torch.Tensor, is_dress: torch.Tensor, have_trousers: bool) -> dict[str, torch.Tensor]:
+def _figure(u: torch.Tensor, is_dress: torch.Tensor, have_trousers: bool, headless_prob: float
+            ) -> dict[str, torch.Tensor]:
     """The simulated person's proportions from 8 uniform draws per item (K, 8), float64 so
     that the integer sizes come out as Python's arithmetic on the same draws gives them."""
     gw = (16 + 8 * u[:, 0]).long()  # garment width on a 28-wide body scale
@@ -151,11 +188,13 @@ def _figure(u: torch.Tensor, is_dress: torch.Tensor, have_trousers: bool) -> dic
         "left": (CANVAS_WIDTH - gw) // 2,
         "skin": (0.25 + 0.45 * u[:, 4]).float(),
         "arms": u[:, 5] < 0.6,  # arms hanging beside the body, touching it
+        "head": u[:, 7] >= headless_prob,
         "bare_legs": is_dress | (not have_trousers),
     }
 
 
-def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, prob: float) -> torch.Tensor:
+def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, prob: float,
+                    headless_prob: float = 0.0) -> torch.Tensor:
     """Put some upper-body garments on a simulated model, as catalog photos show them.
 
     Real catalog shots of tops and dresses show a person: a head above the garment, arms,
@@ -163,6 +202,8 @@ def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     conversion the garment fills only the middle of the frame. Fashion-MNIST's own items
     are cut out, so without this the network never sees that. The legs are real trouser
     items from the same batch; head and arms are plain shapes of skin-like grey.
+    ``headless_prob`` of the figures have no head, as the conversion leaves a worn photo
+    once it has cut the head off (preprocess head crop).
 
     Every figure of the batch is drawn at once, with masks and batched matrix products on
     ``x``'s device: a loop over images cost 16 ms per batch of 256 on a CPU core, which
@@ -179,7 +220,8 @@ def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     if len(pick) == 0:
         return x
     u = torch.rand(len(pick), 8, generator=generator).double()
-    f = {k: v.to(device) for k, v in _figure(u, labels_cpu[pick] == DRESS, len(trousers) > 0).items()}
+    f = {k: v.to(device) for k, v in _figure(u, labels_cpu[pick] == DRESS, len(trousers) > 0,
+                                                    headless_prob).items()}
     gw, gh, head_h, legs_h, left, skin = f["gw"], f["gh"], f["head_h"], f["legs_h"], f["left"], f["skin"]
     k = len(pick)
     rows = torch.arange(CANVAS_HEIGHT, device=device).view(1, -1, 1)
@@ -193,7 +235,7 @@ def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     ys = (rows.float() + 0.5) / hh.float() * 2 - 1
     xs = ((cols - head_left).float() + 0.5) / head_w.float() * 2 - 1
     head = (rows < hh) & (cols >= head_left) & (cols < head_left + head_w) & (ys**2 + xs**2 <= 1)
-    shapes = head
+    shapes = head & f["head"].view(k, 1, 1)
     # Arms beside the body, touching it.
     arm_h, arm_w, arm_top = (gh * 0.8).long(), (gw // 8).clamp(min=1), head_h + gh // 6
     arms = _box(rows, cols, arm_top, left - arm_w + 1, arm_h, arm_w) | _box(rows, cols, arm_top, left + gw - 1,
@@ -218,4 +260,33 @@ def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     canvas = torch.where(covers, garment, canvas)
     out = x.clone()
     out[pick.to(device), 0] = fit_to_canvas(canvas, size).to(x.dtype)
+    return out
+
+
+def shoes_in_pairs(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, prob: float) -> torch.Tensor:
+    """Show some shoes as a pair, side by side, as product photos often do: the item and a
+    copy (mirrored or not, a little lower or higher) overlapping by up to half a shoe, the
+    whole fitted back into the frame. Fashion-MNIST has one shoe per image."""
+    if prob <= 0:
+        return x
+    n, _, size, _ = x.shape
+    labels_cpu = labels.cpu()
+    pick = torch.nonzero(torch.isin(labels_cpu, torch.tensor(FOOTWEAR))
+                         & (torch.rand(n, generator=generator) < prob)).flatten()
+    if len(pick) == 0:
+        return x
+    u = torch.rand(len(pick), 3, generator=generator)
+    device = x.device
+    k = len(pick)
+    shoe = x[pick.to(device), 0]
+    mirrored = torch.where((u[:, 0] < 0.5).to(device).view(k, 1, 1), shoe.flip(-1), shoe)
+    shift = (size // 2 + u[:, 1] * size // 2).long().to(device)  # the second shoe's left edge
+    drop = ((u[:, 2] - 0.5) * size / 4).long().to(device)  # and how much lower it stands
+    frame = (size + size // 4, 2 * size)
+    same = torch.full((k,), size, device=device)
+    top = torch.full((k,), size // 8, device=device)
+    first = _resize_into(shoe, top, torch.zeros_like(same), same, same, frame)
+    second = _resize_into(mirrored, top + drop, shift, same, same, frame)
+    out = x.clone()
+    out[pick.to(device), 0] = fit_to_canvas(torch.maximum(first, second), size).to(x.dtype)
     return out

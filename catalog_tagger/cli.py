@@ -125,6 +125,12 @@ def labeled_photo_options(func: F) -> F:
               help="Training images held out for validation.")
 @click.option("--worn-prob", type=FiniteFloatRange(0, 1), default=default(TrainConfig, "worn_prob"),
               show_default=True, help="Share of tops and dresses shown worn by a simulated model (real photos).")
+@click.option("--headless-prob", type=FiniteFloatRange(0, 1), default=default(TrainConfig, "headless_prob"),
+              show_default=True, help="Share of those worn tops shown without a head (as tag crops worn photos).")
+@click.option("--pair-prob", type=FiniteFloatRange(0, 1), default=default(TrainConfig, "pair_prob"),
+              show_default=True, help="Share of shoes shown as a pair, side by side.")
+@click.option("--floor-prob", type=FiniteFloatRange(0, 1), default=default(TrainConfig, "floor_prob"),
+              show_default=True, help="Share of items whose dark inside is lifted as tag's conversion lifts it.")
 @click.option("--flip-tta/--no-flip-tta", default=default(TrainConfig, "flip_tta"), show_default=True,
               help="Average each prediction with the mirror image's (one more forward pass).")
 @click.option("--mixed-precision/--no-mixed-precision", default=default(TrainConfig, "mixed_precision"),
@@ -145,14 +151,16 @@ def labeled_photo_options(func: F) -> F:
 @click.pass_context
 @reports_errors
 def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
-          seed: int, val_size: int, worn_prob: float, flip_tta: bool, mixed_precision: bool, data: Path | None,
+          seed: int, val_size: int, worn_prob: float, headless_prob: float, pair_prob: float, floor_prob: float,
+          flip_tta: bool, mixed_precision: bool, data: Path | None,
           manifest: Path | None, path_col: str, label_col: str, input_size: int, channels: str, val_fraction: float,
           init: Path | None, workers: int | None, device: str, resume: bool, overwrite: bool) -> None:
     """Train a garment classifier on Fashion-MNIST, or on your own labeled photos."""
     from .train import fit
 
     config = TrainConfig(out=out, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         val_size=val_size, worn_prob=worn_prob, flip_tta=flip_tta,
+                         val_size=val_size, worn_prob=worn_prob, headless_prob=headless_prob, pair_prob=pair_prob,
+                         floor_prob=floor_prob, flip_tta=flip_tta,
                          mixed_precision=mixed_precision, data=data, manifest=manifest, path_col=path_col,
                          label_col=label_col, input_size=input_size, channels=int(channels),
                          val_fraction=val_fraction, init=init, workers=workers, device=device, resume=resume,

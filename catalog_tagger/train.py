@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, out_of_scope
-from .augment import train_augment
+from .augment import AugmentOptions, train_augment
 from .calibration import calibrate, softmax
 from .checkpoint import (
     LoadedModel,
@@ -85,10 +85,18 @@ class StepSettings:
     device: torch.device
     label_smoothing: float = 0.0
     worn_prob: float = 0.0
+    headless_prob: float = 0.0
+    pair_prob: float = 0.0
+    floor_prob: float = 0.0
     # float32, or torch.bfloat16 for bf16 autocast (runtime.training_dtype decides which).
     dtype: torch.dtype = torch.float32
     dist_info: DistInfo = DistInfo()
     progress: bool = False
+
+    def augment(self) -> AugmentOptions:
+        """The augmentation's options (augment.train_augment)."""
+        return {"worn_prob": self.worn_prob, "headless_prob": self.headless_prob, "pair_prob": self.pair_prob,
+                "floor_prob": self.floor_prob}
 
 
 @dataclass
@@ -159,8 +167,7 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
         idx_cpu = order[i * batch_size : (i + 1) * batch_size]
         idx = idx_cpu.to(images.device)
         y = labels[idx]
-        x = train_augment(to_unit(images[idx], device), labels_cpu[idx_cpu], aug_generator,
-                          worn_prob=settings.worn_prob)
+        x = train_augment(to_unit(images[idx], device), labels_cpu[idx_cpu], aug_generator, **settings.augment())
         with training_autocast(device, settings.dtype):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
@@ -217,7 +224,7 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, labels: torch.Te
     for i in range(max(1, min(len(images), BN_IMAGES) // batch_size)):
         idx = order[i * batch_size : (i + 1) * batch_size].to(images.device)
         model(train_augment(to_unit(images[idx], settings.device), labels[idx].cpu(), generator,
-                            worn_prob=settings.worn_prob))
+                            **settings.augment()))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
@@ -293,7 +300,8 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     fmnist_like = data.train.classes == FASHION_MNIST_CLASSES and data.train.images.shape[1] == 1
     settings = StepSettings(
         batch_size=config.batch_size, device=device, label_smoothing=config.label_smoothing,
-        worn_prob=config.worn_prob if fmnist_like else 0.0,
+        **({"worn_prob": config.worn_prob, "headless_prob": config.headless_prob, "pair_prob": config.pair_prob,
+            "floor_prob": config.floor_prob} if fmnist_like else {}),
         dtype=training_dtype(device, config.mixed_precision), dist_info=info, progress=progress)
     _train_epochs(state, config, data, settings, out / STATE_FILE, started)
     if not info.is_main:

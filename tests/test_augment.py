@@ -7,7 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from catalog_tagger.augment import DRESS, TROUSER, UPPER_BODY, fit_to_canvas, resample_weights, worn_by_a_model
+from catalog_tagger.augment import (
+    DRESS,
+    FLOOR,
+    FOOTWEAR,
+    TROUSER,
+    UPPER_BODY,
+    fit_to_canvas,
+    lift_to_floor,
+    resample_weights,
+    shoes_in_pairs,
+    train_augment,
+    worn_by_a_model,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 28, 37, 75])
@@ -69,6 +81,64 @@ def test_only_upper_body_garments_are_worn_and_they_shrink():
     assert torch.equal(out[~upper], x[~upper])
     # A person around the garment: the garment no longer fills the frame's width.
     assert ((out[upper] > 0.05).any(2).sum(-1) < (x[upper] > 0.05).any(2).sum(-1)).float().mean() > 0.9
+
+
+def test_headless_figures_draw_the_same_random_numbers_and_lose_only_the_head():
+    x, labels = _batch(7)
+    g_head, g_none = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    with_head = worn_by_a_model(x, labels, g_head, 1.0, headless_prob=0.0)
+    headless = worn_by_a_model(x, labels, g_none, 1.0, headless_prob=1.0)
+    assert torch.equal(g_head.get_state(), g_none.get_state())
+    upper = torch.isin(labels, torch.tensor(UPPER_BODY))
+    assert torch.equal(with_head[~upper], headless[~upper])
+    # Without a head above it, the garment fills more of the fitted frame.
+    lit_with, lit_without = (with_head[upper] > 0.05).flatten(1).sum(1), (headless[upper] > 0.05).flatten(1).sum(1)
+    assert (lit_without > lit_with).float().mean() > 0.8
+
+
+def test_lift_to_floor_lifts_the_inside_of_items_and_keeps_their_edges():
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 5:20, 5:20] = 0.1  # a dark item
+    x[:, :, 10, 10] = 0.9
+    out = lift_to_floor(x, torch.Generator().manual_seed(0), 1.0)
+    assert float(out[:, :, 6:19, 6:19].min()) == pytest.approx(FLOOR)  # the inside is lifted
+    assert float(out[0, 0, 10, 10]) == pytest.approx(0.9)  # what is brighter stays
+    assert torch.equal(out[:, :, 5, 5:20], x[:, :, 5, 5:20])  # the edge keeps its value
+    assert float(out[:, :, :5].abs().max()) == 0  # the background stays black
+
+
+def test_shoes_in_pairs_shows_two_shoes_side_by_side():
+    x, labels = _batch(3)
+    out = shoes_in_pairs(x, labels, torch.Generator().manual_seed(0), 1.0)
+    shoes = torch.isin(labels, torch.tensor(FOOTWEAR))
+    assert torch.equal(out[~shoes], x[~shoes])
+    lit = out[shoes, 0] > 0.05
+
+    def extent(lit_lines: torch.Tensor) -> torch.Tensor:
+        first = lit_lines.int().argmax(1)
+        return 28 - lit_lines.flip(1).int().argmax(1) - first
+
+    height, width = extent(lit.any(2)), extent(lit.any(1))
+    assert (width == 28).all() and (height < 24).all()  # the pair is much wider than tall
+
+
+@pytest.mark.parametrize("option", ["headless_prob", "pair_prob", "floor_prob"])
+def test_an_augmentation_left_at_zero_draws_nothing(option):
+    """Adding an augmentation option leaves every other random stream (and so a run trained
+    without it, and its --resume) as it was."""
+    x, labels = _batch(4)
+    streams = []
+    for value in (0.0, 0.5):
+        g = torch.Generator().manual_seed(0)
+        train_augment(x, labels, g, worn_prob=0.3, **{option: value})
+        streams.append(g.get_state())
+    if option == "headless_prob":  # decided by a draw the figure took already
+        assert torch.equal(*streams)
+    else:
+        assert not torch.equal(*streams)
+        g = torch.Generator().manual_seed(0)
+        train_augment(x, labels, g, worn_prob=0.3)
+        assert torch.equal(g.get_state(), streams[0])
 
 
 # The per-image implementation the batched one replaced (catalog_tagger/augment.py before
