@@ -252,12 +252,13 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
 @click.option("--max-pixels", type=click.IntRange(1), default=default(TagConfig, "max_pixels"), show_default=True,
               help="Images needing more decoded pixels are rejected as too_large.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this machine; ray: a Ray cluster (--out is then a folder of Parquet parts).")
-@click.option("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance).")
-@click.option("--num-gpus-per-worker", type=FiniteFloatRange(0), default=0.0, show_default=True,
-              help="GPUs per model actor with --engine ray.")
-@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
-              help="Model actors with --engine ray (decoding uses every CPU of the cluster).")
+              help="local: this machine; ray: a Ray cluster (same output file, same options).")
+@click.option("--ray-address", help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else a Ray "
+              "instance on this machine).")
+@click.option("--num-gpus-per-worker", type=FiniteFloatRange(0),
+              help="With --engine ray: GPUs per shard task, which then runs the model on its GPU (default 0).")
+@click.option("--concurrency", type=click.IntRange(1),
+              help="With --engine ray: shard tasks at once (default: as many as the cluster's CPUs, or GPUs, hold).")
 @click.option("--time-limit", type=FiniteFloatRange(0, min_open=True), default=default(TagConfig, "time_limit"),
               show_default=True, help="Seconds one image may take to decode before it is reported as unreadable.")
 @click.pass_context
@@ -267,7 +268,8 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, raw_csv: b
         target_precision: float | None, extensions: tuple[str, ...], path_col: str, id_col: str | None,
         root: Path | None, max_error_rate: float | None, shard_size: int, resume: bool, resume_if_possible: bool,
         incremental: Path | None, max_shrink: float, use_hash: bool, max_pixels: int, engine: str,
-        ray_address: str | None, num_gpus_per_worker: float, concurrency: int, time_limit: float) -> None:
+        ray_address: str | None, num_gpus_per_worker: float | None, concurrency: int | None,
+        time_limit: float) -> None:
     """Tag every image in SOURCE (a folder, or a CSV/Parquet manifest) into one Parquet or CSV file.
 
     Every input gets exactly one row, in input order; images that cannot be used get a
@@ -284,20 +286,25 @@ def tag(ctx: click.Context, source: Path, out: Path, fmt: str | None, raw_csv: b
         hash=use_hash, max_pixels=max_pixels, time_limit=time_limit, max_shrink=max_shrink,
         escape_formulas=not raw_csv, resume_if_possible=resume_if_possible,
     )
-    if engine == "ray":
-        if incremental is not None:
-            raise click.UsageError("--engine ray does not support --incremental yet; use the local engine")
-        if fmt == "csv":
-            raise click.UsageError("--engine ray writes a folder of Parquet files and cannot write CSV; "
-                                   "use the local engine for CSV")
-        from .ray_engine import run_tagging_ray
-
-        summary = run_tagging_ray(config, ray_address, num_gpus_per_worker, concurrency, progress=_progress(ctx))
-    else:
-        summary = run_tagging(config, progress=_progress(ctx))
+    summary = run_tagging(config, progress=_progress(ctx),
+                          engine=_engine(engine, ray_address, num_gpus_per_worker, concurrency))
     if not ctx.find_root().params.get("quiet"):
         click.echo(summary.text(), err=True)
     check_error_rate(summary, max_error_rate)
+
+
+def _engine(name: str, ray_address: str | None, num_gpus_per_worker: float | None,
+            concurrency: int | None) -> Any:
+    """The engine that tags the run's shards; Ray's options are refused, not ignored, without Ray."""
+    if name == "local":
+        given = [flag for flag, value in (("--ray-address", ray_address), ("--concurrency", concurrency),
+                                          ("--num-gpus-per-worker", num_gpus_per_worker)) if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --engine ray")
+        return None  # run_tagging's default: this machine
+    from .ray_engine import RayEngine
+
+    return RayEngine(ray_address, concurrency, num_gpus_per_worker or 0.0)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -1,180 +1,170 @@
-"""Tagging on a Ray cluster: CPU tasks decode, GPU (or CPU) actors run the model.
+"""The Ray engine: the run's pending shards tagged as Ray tasks across a cluster.
 
-The same records, decoding, preprocessing, model and row building as the local engine
-(``decode_record`` and ``Tagger.rows_for``), so a bad file becomes the same row with the
-same status. The output is a Parquet dataset: a folder of ``part-NNNNNN.parquet`` files,
-one per shard of ``--shard-size`` input records, numbered in input order; rows are in
-input order within each file and carry ``ordinal`` (their position in the input), so
-``ORDER BY ordinal`` restores the global order whatever reads the folder.
+One task per shard, as img2dataset's Ray distributor does: a task builds the same
+``Tagger`` from the run's ``ShardJob`` (model weights included, sent once through the
+object store) and returns the shard's table. The run commits it to ``OUT.parts/`` and
+writes the file named by ``--out`` exactly as with the local engine (see ``run``), so the
+output does not depend on the engine; only the images must be readable at the same path
+on every node.
 
-``--resume`` skips the shards whose file is already complete.
+Each task reserves ``max(1, --workers)`` CPUs (its decoding processes) and
+``--num-gpus-per-worker`` GPUs; ``--concurrency`` tasks run at once (default: as many as
+the cluster's nodes hold). A task whose node dies is retried on another by Ray; a shard
+that still fails stops the run as an interruption, finished shards kept for ``--resume``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import defaultdict
-from pathlib import Path
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import torch
 
-from .batches import Collate, DecodedItem, DecodeSettings, decode_record
-from .checkpoint import atomic_write_json, load_model
 from .config import TagConfig
-from .errors import UsageError
-from .model import ModelConfig
-from .outputs import summary_path
-from .run import (
-    Summary,
-    check_inputs,
-    check_not_shrunk,
-    chunks,
-    commit_shard,
-    is_committed,
-    output_lock,
-    prepare_parts,
-    review_threshold,
-    run_identity,
-    shard_fingerprint,
-)
-from .runtime import resolve_device
-from .schema import SCHEMA_VERSION, output_schema, rows_to_table
-from .sources import open_source
-from .tagging import Tagger, TagSettings
+from .engines import OnImages, PendingShard, ShardJob
+from .errors import CatalogTaggerError, Interrupted, UsageError
+from .schema import rows_to_table
+from .sources import Record
+from .tagging import Tagger
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "the Ray engine needs Ray: pip install 'catalog-tagger[ray]'"
 
+# Ray re-runs a task whose worker or node died this many times before the run gives up.
+TASK_RETRIES = 3
+
+# One Tagger per Ray worker process and run: the model is prepared once, not per shard.
+_TAGGERS: dict[tuple[str, str, int], Tagger] = {}
+
 
 def _import_ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError:
         raise UsageError(INSTALL_HINT) from None
     return ray
 
 
-def _object_column(values: list[Any]) -> np.ndarray:
-    """``values`` as a 1-D object array, one cell each (np.array would stack equal-shaped
-    arrays into one N-D array)."""
-    column = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        column[i] = value
-    return column
+def tag_shard_task(job: ShardJob, device: str, workers: int, records: list[Record]) -> tuple[pa.Table, str]:
+    """Runs on a cluster node: the shard's table, and the id of the node that tagged it."""
+    import ray
+
+    key = (job.run_id, device, workers)
+    if key not in _TAGGERS:
+        _TAGGERS.clear()
+        _TAGGERS[key] = job.tagger(torch.device(device), workers)
+    table = _TAGGERS[key].tag_records(records, job.schema)
+    return table, ray.get_runtime_context().get_node_id()
 
 
-def _decode_batch(batch: dict[str, np.ndarray], config: ModelConfig, settings: DecodeSettings) -> dict[str, Any]:
-    """CPU task: decode a batch of records; failures become items with a status.
+class RayEngine:
+    """Tags shards as Ray tasks on the cluster at ``address`` (None: ``$RAY_ADDRESS``, else a
+    Ray instance started on this machine)."""
 
-    Each item travels as two columns, its facts and its array, so that Ray can carry the
-    arrays as a tensor column rather than as pickled objects.
-    """
-    decoded = [decode_record(record, config, settings, i) for i, record in enumerate(batch["record"])]
-    return {"shard": batch["shard"], "ordinal": batch["ordinal"], "record": batch["record"],
-            "info": _object_column([d.info for d in decoded]), "array": _object_column([d.array for d in decoded])}
+    name = "ray"
 
+    def __init__(self, address: str | None = None, concurrency: int | None = None,
+                 num_gpus_per_worker: float = 0.0) -> None:
+        self.address = address
+        self.concurrency = concurrency
+        self.num_gpus = num_gpus_per_worker
+        self.images_by_node: dict[str, int] = Counter()
+        self.device = "cpu"
+        self.workers = 0
+        self._ray: Any = None
+        self._connected_here = False
 
-class _Predictor:
-    """Actor: loads the model once, then turns decoded batches into output rows."""
+    def check(self, config: TagConfig) -> None:
+        ray = _import_ray()
+        if self.num_gpus > 0 and config.device == "cpu":
+            raise UsageError("--num-gpus-per-worker reserves GPUs that --device cpu would leave idle; "
+                             "drop one of the two")
+        if self.num_gpus == 0 and config.device == "cuda":
+            raise UsageError("--device cuda with --engine ray needs --num-gpus-per-worker above 0, "
+                             "so that Ray gives each task a GPU")
+        self.device = "cuda" if self.num_gpus > 0 else "cpu"
+        self.workers = config.workers or 0
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            except ConnectionError as exc:
+                raise UsageError(f"cannot reach the Ray cluster at {self.address or 'RAY_ADDRESS'}: {exc}") from None
+            self._connected_here = True
+        self._ray = ray
+        fits = self._tasks_that_fit()
+        if fits == 0:
+            raise UsageError(f"no node of the Ray cluster has {self._cpus()} CPU(s) and {self.num_gpus:g} GPU(s) "
+                             "free for one task; lower --workers or --num-gpus-per-worker")
+        self.concurrency = self.concurrency or fits
+        log.info("Ray engine: %d task(s) at a time, %d CPU(s) and %g GPU(s) each, on %s",
+                 self.concurrency, self._cpus(), self.num_gpus, self.device)
 
-    def __init__(self, model_path: str | None, settings: TagSettings, run_id: str, device: str,
-                 schema: pa.Schema) -> None:
-        loaded = load_model(Path(model_path) if model_path else None)
-        self.tagger = Tagger(loaded, resolve_device(device), settings, run_id)
-        self.schema = schema
+    def _cpus(self) -> int:
+        return max(1, self.workers)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        # Collate takes a missing array whatever form the column brought it in (None or NaN).
-        decoded = [DecodedItem(info, array) for info, array in zip(batch["info"], batch["array"])]
-        rows = self.tagger.rows_for(list(batch["record"]), Collate()(decoded))
-        table = rows_to_table(rows, self.schema)
-        return table.append_column("shard", pa.array(batch["shard"].astype(np.int64))) \
-                    .append_column("ordinal", pa.array(batch["ordinal"].astype(np.int64)))
+    def _tasks_that_fit(self) -> int:
+        """How many shard tasks the alive nodes can run at once."""
+        total = 0
+        for node in self._ray.nodes():
+            if not node.get("Alive"):
+                continue
+            resources = node.get("Resources", {})
+            fit = int(resources.get("CPU", 0) // self._cpus())
+            if self.num_gpus > 0:
+                fit = min(fit, int(resources.get("GPU", 0) // self.num_gpus))
+            total += fit
+        return total
 
+    def tag(self, shards: Iterator[PendingShard], job: ShardJob,
+            on_images: OnImages) -> Iterator[tuple[PendingShard, pa.Table]]:
+        ray = self._ray
+        task = ray.remote(tag_shard_task).options(num_cpus=self._cpus(), num_gpus=self.num_gpus,
+                                                  max_retries=TASK_RETRIES, retry_exceptions=False)
+        job_ref = ray.put(job)  # the weights travel once, not with every shard
+        in_flight: dict[Any, PendingShard] = {}
+        shards = iter(shards)
+        more = True
+        try:
+            while True:
+                while more and len(in_flight) < (self.concurrency or 1):
+                    shard = next(shards, None)
+                    if shard is None:
+                        more = False
+                    elif not shard.records:  # every record carried over by --incremental
+                        yield shard, rows_to_table([], job.schema)
+                    else:
+                        in_flight[task.remote(job_ref, self.device, self.workers, shard.records)] = shard
+                if not in_flight:
+                    return
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                shard = in_flight.pop(done[0])
+                table, node = self._result(done[0], shard)
+                self.images_by_node[node] += len(shard.records)
+                on_images(len(shard.records))
+                yield shard, table
+        finally:
+            for ref in in_flight:  # interrupted: stop the cluster's work on this run
+                ray.cancel(ref, force=True)
 
-def run_tagging_ray(config: TagConfig, address: str | None = None, num_gpus_per_worker: float = 0.0,
-                    concurrency: int = 1, progress: bool = True) -> Summary:
-    """Tag ``config.source`` into the folder ``config.out`` on a Ray cluster; returns the summary."""
-    ray = _import_ray()
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"with --engine ray, --out is a folder for the Parquet dataset; {out} is a file")
-    source = open_source(config.source, config.extensions, config.path_col, config.id_col, config.root)
-    loaded = load_model(config.model)
-    check_inputs(config, out, loaded)
-    threshold, rule = review_threshold(config, loaded)
-    settings = TagSettings(batch_size=config.batch_size, top_k=config.top_k, review_threshold=threshold,
-                           max_pixels=config.max_pixels, hash=config.hash, time_limit=config.time_limit)
-    metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
-                "model_card": loaded.card}
-    schema = output_schema(source.extra_schema, metadata)
-    identity = run_identity(config, "parquet-dataset", loaded.ident, str(Path(config.source).resolve()))
-    with output_lock(out):
-        run_id = prepare_parts(out, identity, config.resume or config.resume_if_possible,
-                               restart_other=config.resume_if_possible)
-        return _run(ray, config, out, source, loaded, settings, schema, run_id, threshold, rule, address,
-                    num_gpus_per_worker, concurrency, progress)
+    def _result(self, ref: Any, shard: PendingShard) -> tuple[pa.Table, str]:
+        ray = self._ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, CatalogTaggerError):
+                raise exc.cause from None
+            raise
+        except ray.exceptions.RayError as exc:  # a node or worker lost more often than Ray retries
+            raise Interrupted(f"the Ray cluster lost shard {shard.index} ({type(exc).__name__}, after "
+                              f"{TASK_RETRIES} retries); finished shards are kept: run the same command "
+                              "with --resume to finish") from None
 
-
-def _run(ray: Any, config: TagConfig, out: Path, source: Any, loaded: Any, settings: TagSettings,
-         schema: pa.Schema, run_id: str, threshold: float, rule: str, address: str | None,
-         num_gpus_per_worker: float, concurrency: int, progress: bool) -> Summary:
-    out_schema = schema.append(pa.field("ordinal", pa.int64()))
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = progress
-
-    summary = Summary(output=str(out), run_id=run_id, review_threshold=threshold, review_rule=rule)
-    started = time.perf_counter()
-    pending: list[dict[str, Any]] = []
-    expected: dict[int, int] = {}
-    fingerprints: dict[int, str] = {}
-    paths: list[Path] = []
-    for index, records in enumerate(chunks(source.records, config.shard_size)):
-        path = out / f"part-{index:06d}.parquet"
-        paths.append(path)
-        if is_committed(path, records):
-            summary.resumed_rows += len(records)
-            continue
-        expected[index] = len(records)
-        fingerprints[index] = shard_fingerprint(records)
-        pending.extend({"shard": index, "ordinal": r.ordinal, "record": r} for r in records)
-    check_not_shrunk(config, len(pending) + summary.resumed_rows, None, out)
-
-    if pending:
-        device = "cuda" if num_gpus_per_worker > 0 else "cpu"
-        ds = ray.data.from_items(pending).map_batches(
-            _decode_batch, fn_kwargs={"config": loaded.config, "settings": settings.decode},
-            batch_size=64, batch_format="numpy")
-        ds = ds.map_batches(
-            _Predictor, fn_constructor_kwargs={"model_path": str(config.model) if config.model else None,
-                                               "settings": settings, "run_id": run_id, "device": device,
-                                               "schema": schema},
-            concurrency=concurrency, num_gpus=num_gpus_per_worker, batch_size=config.batch_size,
-            batch_format="numpy")
-        buffers: dict[int, list[pa.Table]] = defaultdict(list)
-        counts: dict[int, int] = defaultdict(int)
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for shard in np.unique(table["shard"].to_numpy()):
-                part = table.filter(pa.compute.equal(table["shard"], pa.scalar(int(shard), pa.int64())))
-                buffers[int(shard)].append(part.drop_columns(["shard"]))
-                counts[int(shard)] += part.num_rows
-                if counts[int(shard)] == expected[int(shard)]:
-                    whole = pa.concat_tables(buffers.pop(int(shard))).sort_by("ordinal").cast(out_schema)
-                    commit_shard(out / f"part-{int(shard):06d}.parquet", whole, fingerprints[int(shard)])
-        summary.processed = len(pending)
-
-    summary.seconds = time.perf_counter() - started
-    for path in paths:
-        summary.count(pq.read_table(path))
-    atomic_write_json(summary_path(out), summary.to_dict())
-    return summary
+    def close(self) -> None:
+        if self._connected_here and self._ray is not None:
+            self._ray.shutdown()
+            self._connected_here = False

@@ -1,30 +1,26 @@
-"""The tagging run: shards committed as they finish, resume, incremental runs, one lock.
+"""The tagging run: one plan for every engine, shards committed as they finish, one output.
 
-    source --> shards of records --> Tagger.tag_records --> OUT.parts/shard-NNNNNN.parquet
-                                                       \\-> carried over from --incremental
+    source --> shards of records --(not committed yet)--> carried over from --incremental
+                                                      \\-> engine.tag: the rest, on this machine or a cluster
+           --> commit_shard --> OUT.parts/shard-NNNNNN.parquet (the run's own shard store, see shards.py)
     all shards, in order --> writer --> temporary file --> renamed to OUT (atomic)
 
-A shard file appears by rename only once complete, so after a crash or ``kill -9`` the
-parts folder holds exactly the finished shards and ``--resume`` redoes none of them. Each
-shard remembers the records it was made from (see ``shard_fingerprint``): when the folder
-or manifest changed before the resume, the shards that no longer match are tagged again.
+The engine (``engines``) only tags the shards it is handed; checking and locking the
+output, resume, ``--incremental``, committing, assembling the file and the summary happen
+here, once, so both engines write the same file with the same columns and summary.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import itertools
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,24 +35,15 @@ from tqdm.auto import tqdm
 from .calibration import threshold_for_precision
 from .checkpoint import LoadedModel, atomic_write_json, load_model, shareable_mode
 from .config import TagConfig
+from .engines import Engine, LocalEngine, PendingShard, ShardJob
 from .errors import Interrupted, OutputError, SourceError, TooManyErrors, UsageError
 from .incremental import PreviousOutput
-from .outputs import (
-    RUN_STATE,
-    lock_path,
-    open_lock,
-    owned_parts,
-    parts_dir,
-    refuse_foreign_parts,
-    refuse_inputs,
-    resolve_output,
-    summary_path,
-)
+from .outputs import lock_path, open_lock, parts_dir, refuse_inputs, resolve_output, summary_path
 from .precision_check import PrecisionCheck, check_target_precision
-from .runtime import resolve_device, resolve_workers
 from .schema import MODEL_STATUSES, SCHEMA_VERSION, output_schema
+from .shards import chunks, commit_shard, is_committed, prepare_parts, run_identity, shard_fingerprint, shard_path
 from .sources import Record, open_source
-from .tagging import Tagger, TagSettings
+from .tagging import TagSettings
 from .writers import WRITERS, format_for, open_writer
 
 log = logging.getLogger(__name__)
@@ -78,6 +65,9 @@ class Summary:
     review_rule: str = ""
     # Only with --target-precision: whether that precision holds on photos like today's.
     precision_check: PrecisionCheck | None = None
+    engine: str = "local"
+    # Images tagged on each machine of a cluster (Ray node id -> images); empty on one machine.
+    images_by_node: dict[str, int] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -104,6 +94,7 @@ class Summary:
             **({"target_precision_verified": self.precision_check.verified,
                 "target_precision_note": self.precision_check.reason} if self.precision_check else {}),
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1),
+            "engine": self.engine, **({"images_by_node": self.images_by_node} if self.images_by_node else {}),
         }
 
     def text(self) -> str:
@@ -116,7 +107,8 @@ class Summary:
                    f"{self.precision_check.reason}\n" if self.precision_check else "") +
                 f"  {self.processed} decoded in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)"
                 + (f", {self.carried_over} carried over" if self.carried_over else "")
-                + (f", {self.resumed_rows} from committed shards" if self.resumed_rows else ""))
+                + (f", {self.resumed_rows} from committed shards" if self.resumed_rows else "")
+                + (f", on {len(self.images_by_node)} {self.engine} nodes" if self.images_by_node else ""))
 
 
 @contextmanager
@@ -163,172 +155,94 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
-    while chunk := list(itertools.islice(records, size)):
-        yield chunk
-
-
-def run_identity(config: TagConfig, fmt: str, model_ident: str, source: str) -> dict[str, Any]:
-    """What must match for --resume to continue a run: same input, model and row-shaping options."""
-    return {"source": source, "model": model_ident, "shard_size": config.shard_size, "top_k": config.top_k,
-            "review_threshold": config.review_threshold, "target_precision": config.target_precision,
-            "format": fmt, "hash": config.hash,
-            "incremental": str(config.incremental) if config.incremental else None,
-            "path_col": config.path_col, "id_col": config.id_col, "root": str(config.root) if config.root else None,
-            "extensions": list(config.extensions), "max_pixels": config.max_pixels, "time_limit": config.time_limit,
-            "escape_formulas": config.escape_formulas, "schema_version": SCHEMA_VERSION}
-
-
-def prepare_parts(parts: Path, identity: dict[str, Any], resume: bool, restart_other: bool = False) -> str:
-    """Create or reuse the parts folder; returns the run id.
-
-    With ``resume``, an unfinished run of other inputs or options is refused, unless
-    ``restart_other`` (--resume-if-possible, for unattended jobs) says to start over.
-    Only a folder this program made is ever emptied (see ``outputs``).
-    """
-    refuse_foreign_parts(parts)
-    # Underscore: Parquet dataset readers skip such files in a folder of parts.
-    state_file = parts / RUN_STATE
-    if owned_parts(parts) and resume:
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            state = {}
-        if state.get("identity") == identity:
-            log.info("resuming run %s from %s", state["run_id"], parts)
-            return str(state["run_id"])
-        if not restart_other:
-            raise UsageError(f"the unfinished run in {parts} used other inputs or options; "
-                             "re-run with the same ones, or without --resume to start over")
-    if owned_parts(parts):
-        log.warning("discarding unfinished run in %s%s", parts,
-                    " (it used other inputs or options)" if resume else " (pass --resume to continue it)")
-        shutil.rmtree(parts)
-    elif parts.is_dir():
-        parts.rmdir()  # empty (refuse_foreign_parts let it through)
-    parts.mkdir(parents=True)
-    run_id = uuid.uuid4().hex[:16]
-    atomic_write_json(state_file, {"run_id": run_id, "identity": identity})
-    return run_id
-
-
-# Key of the shard fingerprint in a shard file's Parquet metadata.
-_FINGERPRINT_KEY = b"catalog_tagger_records"
-
-
-def shard_fingerprint(records: Sequence[Record]) -> str:
-    """A digest of what a shard was made from: each record's position, id, path and manifest
-    columns, and its file's size and modification time.
-
-    Between an interrupted run and its resume, files may be added, removed or replaced;
-    the records then shift between shards. A committed shard is reused only when its
-    fingerprint still matches, so a changed source can neither drop a row nor repeat one.
-    """
-    digest = hashlib.sha256()
-    for record in records:
-        stat = None
-        if record.problem is None:
-            try:
-                st = os.stat(record.path)
-                stat = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                pass
-        key = (record.ordinal, record.image_id, record.path, record.problem, list(record.extra.items()), stat)
-        digest.update(repr(key).encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()
-
-
-def commit_shard(path: Path, table: pa.Table, fingerprint: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _FINGERPRINT_KEY: fingerprint})
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, quota, file size limit, read-only folder
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; finished shards are kept, "
-                          "free some space and re-run with --resume") from exc
-
-
-def is_committed(path: Path, records: Sequence[Record]) -> bool:
-    """Whether a finished shard made from exactly ``records`` is on disk (reads only its footer)."""
-    if not path.exists():
-        return False
-    try:
-        metadata = pq.read_metadata(path)
-    except (OSError, pa.ArrowException):
-        log.warning("shard %s is unreadable; redoing it", path)
-        return False
-    stored = (metadata.metadata or {}).get(_FINGERPRINT_KEY, b"").decode()
-    if metadata.num_rows != len(records) or stored != shard_fingerprint(records):
-        log.info("the images of %s changed since it was written; tagging them again", path.name)
-        return False
-    return True
-
-
-def run_tagging(config: TagConfig, progress: bool = True) -> Summary:
-    """Tag every record of ``config.source`` into ``config.out``; returns the summary.
+def run_tagging(config: TagConfig, progress: bool = True, engine: Engine | None = None) -> Summary:
+    """Tag every record of ``config.source`` into ``config.out`` with ``engine`` (default: this
+    machine); returns the summary.
 
     Raises ``Interrupted`` when stopped by a signal, after keeping the finished shards.
     """
+    engine = engine or LocalEngine()
+    out = resolve_output(Path(config.out))  # first: a folder at --out is refused as a folder
     fmt = format_for(Path(config.out), config.format)
     if fmt not in WRITERS:
         raise UsageError(f"cannot tell the output format from {Path(config.out).name!r}; "
                          "use a .parquet or .csv name or --format")
-    out = resolve_output(Path(config.out))
     source = open_source(config.source, config.extensions, config.path_col, config.id_col, config.root)
     loaded = load_model(config.model)
     check_inputs(config, out, loaded)
-    device = resolve_device(config.device)
     threshold, rule = review_threshold(config, loaded)
     previous = (PreviousOutput.load(config.incremental, loaded.ident, config.hash, threshold, config.top_k)
                 if config.incremental else None)
-    settings = TagSettings(batch_size=config.batch_size,
-                           workers=resolve_workers(config.workers),
-                           top_k=config.top_k, review_threshold=threshold,
+    settings = TagSettings(batch_size=config.batch_size, top_k=config.top_k, review_threshold=threshold,
                            max_pixels=config.max_pixels, hash=config.hash, time_limit=config.time_limit)
     metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
                 "model_card": loaded.card}
     schema = output_schema(source.extra_schema, metadata)
+    # Not part of the identity: the engine. A run killed on a cluster may be resumed here.
     identity = run_identity(config, fmt, loaded.ident, os.path.abspath(config.source))
     parts = parts_dir(out)
 
-    with output_lock(out), sigterm_as_interrupt():
-        run_id = prepare_parts(parts, identity, config.resume or config.resume_if_possible,
-                               restart_other=config.resume_if_possible)
-        tagger = Tagger(loaded, device, settings, run_id)
-        summary = Summary(output=str(out), run_id=run_id, review_threshold=threshold, review_rule=rule)
-        started = time.perf_counter()
-        shard_paths: list[Path] = []
-        bar = tqdm(desc="tag", unit="img", disable=not progress, smoothing=0.1)
-        try:
-            for index, records in enumerate(chunks(source.records, config.shard_size)):
-                path = parts / f"shard-{index:06d}.parquet"
-                shard_paths.append(path)
-                if is_committed(path, records):
-                    summary.resumed_rows += len(records)
-                    bar.update(len(records))
-                    continue
-                table = _tag_shard(tagger, records, schema, previous, summary, bar)
-                commit_shard(path, table, shard_fingerprint(records))
-        except KeyboardInterrupt:
-            bar.close()
-            raise Interrupted(f"stopped; {len([p for p in shard_paths if p.exists()])} finished shard(s) kept in "
-                              f"{parts}; run the same command with --resume to finish") from None
-        bar.close()
-        summary.seconds = time.perf_counter() - started
-        check_not_shrunk(config, sum(pq.read_metadata(p).num_rows for p in shard_paths), previous, parts)
-        if config.target_precision is not None:
-            summary.precision_check = check_target_precision(loaded.card, threshold, _confidences(shard_paths))
-            if not summary.precision_check.verified:
-                log.warning("--target-precision %g: %s", config.target_precision, summary.precision_check.reason)
-            schema = schema.with_metadata({**schema.metadata, **summary.precision_check.metadata()})
-        _assemble(shard_paths, out, fmt, schema, config.top_k, summary, config.escape_formulas)
-        atomic_write_json(summary_path(out), summary.to_dict())
-        shutil.rmtree(parts, ignore_errors=True)
+    try:
+        engine.check(config)
+        with output_lock(out), sigterm_as_interrupt():
+            run_id = prepare_parts(parts, identity, config.resume or config.resume_if_possible,
+                                   restart_other=config.resume_if_possible)
+            summary = Summary(output=str(out), run_id=run_id, review_threshold=threshold, review_rule=rule,
+                              engine=engine.name)
+            started = time.perf_counter()
+            shard_paths = _tag_pending(engine, ShardJob(loaded, settings, run_id, schema), source.records,
+                                       config.shard_size, parts, previous, summary, progress)
+            summary.seconds = time.perf_counter() - started
+            summary.images_by_node = dict(engine.images_by_node)
+            check_not_shrunk(config, sum(pq.read_metadata(p).num_rows for p in shard_paths), previous, parts)
+            if config.target_precision is not None:
+                summary.precision_check = check_target_precision(loaded.card, threshold, _confidences(shard_paths))
+                if not summary.precision_check.verified:
+                    log.warning("--target-precision %g: %s", config.target_precision,
+                                summary.precision_check.reason)
+                schema = schema.with_metadata({**schema.metadata, **summary.precision_check.metadata()})
+            _assemble(shard_paths, out, fmt, schema, config.top_k, summary, config.escape_formulas)
+            atomic_write_json(summary_path(out), summary.to_dict())
+            shutil.rmtree(parts, ignore_errors=True)
+    finally:
+        engine.close()
     return summary
+
+
+def _tag_pending(engine: Engine, job: ShardJob, records: Iterator[Record], shard_size: int, parts: Path,
+                 previous: PreviousOutput | None, summary: Summary, progress: bool) -> list[Path]:
+    """Hand every shard not committed yet to ``engine`` and commit what it returns; the
+    paths of all the run's shards, in order."""
+    shard_paths: list[Path] = []
+    # Shards handed to the engine and not back yet: all their records, and which were carried over.
+    waiting: dict[int, tuple[list[Record], dict[int, int], list[int]]] = {}
+    bar = tqdm(desc="tag", unit="img", disable=not progress, smoothing=0.1)
+
+    def pending() -> Iterator[PendingShard]:
+        for index, shard in enumerate(chunks(records, shard_size)):
+            path = shard_path(parts, index)
+            shard_paths.append(path)
+            if is_committed(path, shard):
+                summary.resumed_rows += len(shard)
+                bar.update(len(shard))
+                continue
+            carried, todo = previous.split(shard) if previous else ({}, list(range(len(shard))))
+            summary.carried_over += len(carried)
+            bar.update(len(carried))
+            waiting[index] = (shard, carried, todo)
+            yield PendingShard(index, [shard[i] for i in todo])
+
+    try:
+        for done, fresh in engine.tag(pending(), job, bar.update):
+            shard, carried, todo = waiting.pop(done.index)
+            _commit_tagged(shard_path(parts, done.index), shard, carried, todo, fresh, job.schema, previous)
+            summary.processed += len(todo)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(f"stopped; {len([p for p in shard_paths if p.exists()])} finished shard(s) kept in "
+                          f"{parts}; run the same command with --resume to finish") from None
+    bar.close()
+    return shard_paths
 
 
 def _confidences(shard_paths: list[Path]) -> np.ndarray:
@@ -400,19 +314,11 @@ def check_error_rate(summary: Summary, max_error_rate: float | None) -> None:
                             f"--max-error-rate {max_error_rate:.1%}); output written to {summary.output}")
 
 
-def _tag_shard(tagger: Tagger, records: list[Record], schema: pa.Schema, previous: PreviousOutput | None,
-               summary: Summary, bar: tqdm) -> pa.Table:
-    """Tag a shard, taking unchanged images from the previous output when incremental."""
-    if previous is None:
-        table = tagger.tag_records(records, schema, on_batch=bar.update)
-        summary.processed += len(records)
-        return table
-    carried, todo = previous.split(records)
-    fresh = tagger.tag_records([records[i] for i in todo], schema, on_batch=bar.update)
-    summary.processed += len(todo)
-    summary.carried_over += len(carried)
-    bar.update(len(carried))
-    return previous.merge(records, carried, todo, fresh, schema)
+def _commit_tagged(path: Path, records: list[Record], carried: dict[int, int], todo: list[int], fresh: pa.Table,
+                   schema: pa.Schema, previous: PreviousOutput | None) -> None:
+    """Commit a shard: the rows the engine tagged, with the carried-over rows merged in."""
+    table = previous.merge(records, carried, todo, fresh, schema) if previous is not None else fresh
+    commit_shard(path, table, shard_fingerprint(records))
 
 
 def _assemble(shard_paths: list[Path], out: Path, fmt: str, schema: pa.Schema, top_k: int, summary: Summary,

@@ -48,18 +48,18 @@ def _summary(out: Path) -> dict:
 
 
 def _interrupt_at_the_third_shard(run_cli, folder: Path, out: Path, monkeypatch) -> None:
-    """Run with shards of 2 and stop (as Ctrl-C does) when the third shard starts."""
-    real_tag_shard = run_module._tag_shard
+    """Run with shards of 2 and stop (as Ctrl-C does) before the third shard is committed."""
+    real_commit = run_module._commit_tagged
     calls = []
 
     def stop_at_the_third_shard(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_tag_shard(*args, **kwargs)
+        return real_commit(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "_tag_shard", stop_at_the_third_shard)
+        patch.setattr(run_module, "_commit_tagged", stop_at_the_third_shard)
         assert _tag(run_cli, folder, out, "--shard-size", "2").exit_code == 130
 
 

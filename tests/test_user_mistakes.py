@@ -419,7 +419,7 @@ def test_ray_engine_with_only_broken_files_writes_their_rows(tmp_path):
     pytest.importorskip("ray")
     broken = tmp_path / "broken"
     shutil.copytree(SAMPLE / "images" / "broken", broken)
-    out = tmp_path / "ray-out"
+    out = tmp_path / "ray-out.parquet"
     proc = cli("tag", broken, "--out", out, "--engine", "ray", timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(pd.read_parquet(out)["status"]) == ["empty", "unreadable", "unreadable"]
@@ -430,9 +430,8 @@ def test_ray_engine_leaves_a_folder_it_did_not_make_alone(photos, tmp_path):
     folder.mkdir()
     (folder / "important.txt").write_text("keep me")
     one_sentence(cli("tag", photos, "--out", folder, "--engine", "ray", timeout=240), 6)
+    assert [p.name for p in folder.iterdir()] == ["important.txt"]
     assert (folder / "important.txt").read_text() == "keep me"
-    line = one_sentence(cli("tag", photos, "--out", tmp_path / "r", "--engine", "ray", "--format", "csv"), 2)
-    assert "CSV" in line
 
 
 # -- 4, 19, 20: train and calibrate ------------------------------------------------------------------
