@@ -104,12 +104,15 @@ def node_ids(cluster) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["parquet", "csv"])
-def test_both_engines_write_the_same_file_and_both_nodes_work(cluster, catalog, tmp_path, fmt):
+@pytest.mark.parametrize(("fmt", "options", "code"), [
+    ("parquet", (), 0),
+    ("csv", ("--hash", "--max-error-rate", "0.01"), 7),  # 3 of 43 failed: written, then exit 7
+])
+def test_both_engines_write_the_same_file_and_both_nodes_work(cluster, catalog, tmp_path, fmt, options, code):
     local_out, ray_out = tmp_path / f"local.{fmt}", tmp_path / f"ray.{fmt}"
-    assert cli("tag", catalog, "--out", local_out, "--shard-size", "6").returncode == 0
-    proc = ray_cli(cluster, "tag", catalog, "--out", ray_out, "--shard-size", "6")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli("tag", catalog, "--out", local_out, "--shard-size", "6", *options).returncode == code
+    proc = ray_cli(cluster, "tag", catalog, "--out", ray_out, "--shard-size", "6", *options)
+    assert proc.returncode == code, proc.stderr[-3000:]
     assert_same_output(ray_out, local_out)
     assert summary(ray_out)["by_status"] == {"empty": 1, "ok": 40, "unreadable": 2}
     by_node = summary(ray_out)["images_by_node"]
@@ -128,31 +131,38 @@ def test_both_engines_carry_over_the_same_rows_with_incremental(cluster, catalog
     local_out, ray_out = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     common = ("--shard-size", "6", "--incremental", previous)
     assert cli("tag", catalog, "--out", local_out, *common).returncode == 0
-    proc = ray_cli(cluster, "tag", catalog, "--out", ray_out, *common)
+    # One decoding process inside each Ray task (a DataLoader worker, as the local engine has).
+    proc = ray_cli(cluster, "tag", catalog, "--out", ray_out, *common, "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_output(ray_out, local_out)
     # 38 unchanged labeled photos carried over; the new, the replaced and the 3 broken files tagged again.
     assert (summary(ray_out)["carried_over"], summary(ray_out)["processed"]) == (38, 5)
 
 
-def kill_after_first_shard(command: list[str], out: Path, env: dict[str, str]) -> None:
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def stop_after_first_shard(command: list[str], out: Path, signum: int) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parts = out.with_name(out.name + ".parts")
     deadline = time.monotonic() + 180
     while not list(parts.glob("shard-*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first shard"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
-def test_a_killed_ray_run_resumes_to_the_local_engines_output(cluster, catalog, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_stopped_ray_run_resumes_to_the_local_engines_output(cluster, catalog, tmp_path, signum):
     local_out, ray_out = tmp_path / "local.csv", tmp_path / "ray.csv"
     assert cli("tag", catalog, "--out", local_out, "--shard-size", "4").returncode == 0
     command = [TAGGER, "-q", "tag", str(catalog), "--out", str(ray_out), "--shard-size", "4", "--engine", "ray",
                "--ray-address", cluster.address]
-    kill_after_first_shard(command, ray_out, dict(os.environ))
+    stopped = stop_after_first_shard(command, ray_out, signum)
+    if signum == signal.SIGTERM:  # as cron or systemd stop it: one sentence, exit 130, shards kept
+        assert stopped.returncode == 130 and "--resume" in stopped.stderr.splitlines()[-1], stopped.stderr[-3000:]
+    else:
+        assert stopped.returncode == -signal.SIGKILL
     assert not ray_out.exists()
     proc = ray_cli(cluster, "tag", catalog, "--out", ray_out, "--shard-size", "4", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
