@@ -71,6 +71,8 @@ from catalog_tagger.runtime import (  # noqa: E402
 PROB_TOLERANCE = 1e-3
 TARGET_ACCURACY = 0.95
 TARGET_SECONDS = 30.0
+SECTIONS = ("agreement_fashion_mnist", "bf16_training", "tag_device_vs_cpu", "tag_speed", "time_to_accuracy",
+            "ray_gpu_actor")
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a CPU smoke test of the script itself.")
     parser.add_argument("--budget-s", type=float, default=420.0, help="Skip long sections past this many seconds.")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, metavar="SECTION",
+                        help=f"Sections to leave out ({', '.join(SECTIONS)}).")
     args = parser.parse_args()
 
     device = resolve_device(args.device).type
@@ -333,6 +337,8 @@ def main() -> None:
     pace: dict[str, float] = {}
 
     def section(name: str, run: Callable[[], dict[str, Any]]) -> None:
+        if name in args.skip:
+            return
         start = time.perf_counter()
         try:
             figures = run()
