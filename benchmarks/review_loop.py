@@ -112,11 +112,13 @@ def main() -> None:
 
     labels = pd.read_csv(args.photos / "labels.csv")
     truth = {os.path.abspath(args.photos / f): name for f, name in zip(labels["file"], labels["label_name"])}
-    catalogs = {"all": labels} if not args.styles else {s: labels[labels["style"] == s] for s in args.styles}
+    dataset = args.photos.resolve().name
+    catalogs = ({dataset: labels} if not args.styles else
+                {f"{dataset} {s}": labels[labels["style"] == s] for s in args.styles})
     results: list[dict] = []
     tasks = []
     for name, rows in catalogs.items():
-        out = args.out / name
+        out = args.out / name.replace(" ", "-")
         out.mkdir(parents=True, exist_ok=True)
         source = args.photos / "images"
         if args.styles:  # a manifest of this style's photos is the catalog
@@ -221,8 +223,8 @@ def table(results: list[dict]) -> str:
 def summary(results: list[dict]) -> str:
     """Mean and range over seeds of accuracy, and of what tag --target-precision accepted."""
     lines = ["| catalog | labels | review: accuracy mean (min-max) | random: accuracy mean (min-max) | "
-             "review - random | review at 0.90: precision (min), coverage | review at 0.95: precision (min), "
-             "coverage |", "|---|---|---|---|---|---|---|"]
+             "review - random (seeds review ahead) | review, tag --target-precision 0.90: precision mean (min), "
+             "coverage | 0.95 | review, point-estimate rule 0.90 | 0.95 |", "|---|---|---|---|---|---|---|---|---|"]
     frame = pd.DataFrame([r for r in results if r["budget"]])
     if frame.empty:
         return ""
@@ -230,15 +232,21 @@ def summary(results: list[dict]) -> str:
         acc = {s: rows[rows["strategy"] == s]["accuracy"] for s in ("review", "random")}
         cells = [f"{a.mean():.1%} ({a.min():.1%}-{a.max():.1%}), {len(a)} seeds" if len(a) else "-"
                  for a in acc.values()]
-        diff = f"{acc['review'].mean() - acc['random'].mean():+.1%}" if all(len(a) for a in acc.values()) else "-"
+        diff = "-"
+        if all(len(a) for a in acc.values()):
+            paired = rows.pivot_table(index="seed", columns="strategy", values="accuracy").dropna()
+            ahead = int((paired["review"] > paired["random"]).sum())
+            diff = f"{acc['review'].mean() - acc['random'].mean():+.1%} ({ahead} of {len(paired)})"
         at = []
-        for target in TARGETS:
-            got = [r for r in rows[rows["strategy"] == "review"][f"at_{target}"] if r]
-            miss = len(rows[rows["strategy"] == "review"]) - len(got)
-            at.append("no threshold" if not got else
-                      f"{sum(g['precision'] for g in got) / len(got):.1%} ({min(g['precision'] for g in got):.1%}), "
-                      f"{sum(g['coverage'] for g in got) / len(got):.1%}" + (f"; {miss} without" if miss else ""))
-        lines.append(f"| {catalog} | {budget} | {cells[0]} | {cells[1]} | {diff} | {at[0]} | {at[1]} |")
+        for key in ("at", "point"):
+            for target in TARGETS:
+                got = [r for r in rows[rows["strategy"] == "review"][f"{key}_{target}"] if r]
+                miss = len(rows[rows["strategy"] == "review"]) - len(got)
+                precision = [g["precision"] for g in got]
+                at.append("no threshold" if not got else
+                          f"{sum(precision) / len(got):.1%} ({min(precision):.1%}), "
+                          f"{sum(g['coverage'] for g in got) / len(got):.1%}" + (f"; {miss} without" if miss else ""))
+        lines.append(f"| {catalog} | {budget} | {cells[0]} | {cells[1]} | {diff} | {' | '.join(at)} |")
     return "\n".join(lines) + "\n"
 
 

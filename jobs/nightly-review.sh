@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nightly review job for cron, run after jobs/nightly-tag.sh: a workbook of the day's photos
-# most worth a person's time (a random slice to measure the model, plus the uncertain ones).
+# most worth a person's time (a random slice to measure the model, plus the most typical photo of each kind).
 # Photos in any earlier workbook or CSV in REVIEW_DIR (handed out or filled) are not asked again.
 #
 #   OUTPUT_DIR  where nightly-tag.sh wrote tags.parquet           (default: /var/lib/catalog-tagger)
