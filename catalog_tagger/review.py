@@ -151,7 +151,8 @@ def typical(features: np.ndarray, free: np.ndarray, k: int, rng: np.random.Gener
     """``k`` rows among ``free``: k-means (k-means++ start) on the L2-normalised features,
     then the row nearest each centre, largest cluster first."""
     rows = np.flatnonzero(free)
-    k = min(k, len(rows))
+    if k >= len(rows):  # every photo is asked: nothing to choose (and k-means would be slow)
+        return rows.tolist()
     if k <= 0:
         return []
     x = features[rows].astype(np.float64)

@@ -150,6 +150,9 @@ def test_random_slice_is_uniform_and_typical_part_skips_what_cannot_be_grouped()
     assert len(random) == 20 and len(typical) == 20 and not set(random) & set(typical)
     assert all(i % 2 == 1 for i in typical)
     assert any(i % 2 == 0 for i in random)
+    # A budget as large as the catalog asks every photo once (no clustering needed).
+    picks = choose(frame, 1000, 0.25, 3, clustered([500, 500])[1])
+    assert sorted(i for i, _ in picks) == list(range(1000))
 
     # The same photo twice (same sha256, tag --hash) is asked once.
     twins = frame.iloc[:20].copy()
