@@ -20,11 +20,11 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from .errors import ModelError, OutputError
 from .model import GarmentNet, ModelConfig, build_model
@@ -35,6 +35,8 @@ BUNDLED_DIR = Path(__file__).parent / "models"
 BUNDLED_NAME = "model"
 # A card is a few hundred KB at most; anything larger is not one of ours (or a trap).
 MAX_CARD_BYTES = 16 << 20
+# The largest network a card may describe (model.ModelConfig's bounds) is far below this.
+MAX_WEIGHTS_BYTES = 1 << 30
 
 
 @dataclass
@@ -97,6 +99,17 @@ def open_regular_file(path: Path) -> int:
         os.close(fd)
         raise ModelError(f"{path} is not a regular file")
     return fd
+
+
+def open_model_file(path: Path, what: str, hint: str = "") -> BinaryIO:
+    """``path`` (a card or weights: ``what``) opened for reading if it is a regular file;
+    one sentence naming it when it is missing, unreadable or not a file."""
+    try:
+        return os.fdopen(open_regular_file(path), "rb")
+    except FileNotFoundError:
+        raise ModelError(f"{what} not found: {path}{hint}") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
 
 
 def shareable_mode() -> int:
@@ -216,13 +229,7 @@ def _resolve(path: Path) -> tuple[Path, Path]:
 
 def read_card(card_path: Path) -> dict[str, Any]:
     """The card as a dict, read only from a regular file of bounded size."""
-    try:
-        fd = open_regular_file(card_path)
-    except FileNotFoundError:
-        raise ModelError(f"model card not found: {card_path} (every model needs its JSON card beside it)") from None
-    except OSError as exc:
-        raise ModelError(f"cannot read model card {card_path}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as fh:
+    with open_model_file(card_path, "model card", " (every model needs its JSON card beside it)") as fh:
         data = fh.read(MAX_CARD_BYTES + 1)
     if len(data) > MAX_CARD_BYTES:
         raise ModelError(f"model card {card_path} is larger than {MAX_CARD_BYTES >> 20} MB: not a model card")
@@ -274,14 +281,13 @@ def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | Non
     """Load a model after checking its weights against the card; the bundled one by default."""
     weights_path, card_path = _resolve(path if path is not None else bundled_model_path())
     card = read_card(card_path)
-    try:
-        fd = open_regular_file(weights_path)
-    except FileNotFoundError:
-        raise ModelError(f"weights file not found: {weights_path}") from None
-    except OSError as exc:
-        raise ModelError(f"cannot read weights file {weights_path}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    actual = sha256_file(weights_path)
+    # Read once: the bytes checked against the card are the bytes loaded, even if the file
+    # is replaced meanwhile (a retrain publishing a new model).
+    with open_model_file(weights_path, "weights file") as fh:
+        blob = fh.read(MAX_WEIGHTS_BYTES + 1)
+    if len(blob) > MAX_WEIGHTS_BYTES:
+        raise ModelError(f"{weights_path} is larger than {MAX_WEIGHTS_BYTES >> 30} GB: not this model's weights")
+    actual = hashlib.sha256(blob).hexdigest()
     if actual != card["weights_sha256"]:
         raise ModelError(
             f"{weights_path} does not match its card (sha256 {actual[:12]}..., card says "
@@ -303,8 +309,8 @@ def load_model(path: Path | None = None, expected_classes: tuple[str, ...] | Non
         raise ModelError(f"{card_path}: model classes {list(config.classes)} differ from the expected "
                          f"{list(expected_classes)}")
     try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        state = load(blob)
+    except (SafetensorError, ValueError) as exc:
         raise ModelError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
     model = build_model(config)
     try:
