@@ -221,7 +221,8 @@ def oracle_threshold(inscope_score: np.ndarray, inscope_review: np.ndarray, budg
     return float(candidates[m]) if m < len(candidates) else float(candidates[-1]) - 1e-9
 
 
-def evaluate(sets: dict[str, Scored], temperature: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def evaluate(sets: dict[str, Scored], temperature: float, card: oos.Detector | None = None
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per (score, threshold rule) with the shares flagged on every set, and the
     per-group (class / article / style) detail for every rule."""
     fns = score_functions(sets["fmnist-fit"], sets["fmnist-val"], temperature)
@@ -261,19 +262,24 @@ def evaluate(sets: dict[str, Scored], temperature: float) -> tuple[pd.DataFrame,
                 row["in-scope"] = f.mean()
                 row["in-scope +review"] = (f | pooled_review).mean()
             rows.append(row)
+    fit, val = sets["fmnist-fit"], sets["fmnist-val"]
     for method in oos.METHODS:
-        for share in (0.05, 0.01):
-            rows.append(_library_row(sets, temperature, method, share, detail))
+        for share in (0.05, 0.01, 0.005, 0.002, 0.001):
+            detector = oos.fit_detector(method, val.feats, val.logits, val.images, fit.feats,
+                                        fit.meta["label_id"].to_numpy(), len(FASHION_MNIST_CLASSES), flag_share=share)
+            rows.append(_library_row(sets, temperature, detector, f"Detector {method}",
+                                     f"FM-val p{100 * (1 - share):g}", detail))
+    if card is not None:
+        rows.append(_library_row(sets, temperature, card, "the card's detector (as `tag` runs it)",
+                                 f"{card.method}, {card.fitted_on}", detail))
     return pd.DataFrame(rows), pd.DataFrame(detail)
 
 
-def _library_row(sets: dict[str, Scored], temperature: float, method: str, share: float, detail: list[dict]) -> dict:
-    """The decision exactly as catalog_tagger.out_of_scope.Detector makes it."""
-    fit, val = sets["fmnist-fit"], sets["fmnist-val"]
-    detector = oos.fit_detector(method, val.feats, val.logits, val.images, fit.feats, fit.meta["label_id"].to_numpy(),
-                                len(FASHION_MNIST_CLASSES), flag_share=share)
-    name, rule = f"Detector {method}", f"FM-val p{100 * (1 - share):.0f}"
-    row = {"score": name, "rule": rule, "threshold": detector.threshold}
+def _library_row(sets: dict[str, Scored], temperature: float, detector: oos.Detector, name: str, rule: str,
+                 detail: list[dict]) -> dict:
+    """The decision exactly as catalog_tagger.out_of_scope.Detector makes it, and what it does to
+    the accuracy of the in-scope rows it leaves labeled."""
+    row: dict[str, Any] = {"score": name, "rule": rule, "threshold": detector.threshold}
     inscope_flags, inscope_review = [], []
     for k, s in sets.items():
         if k == "fmnist-fit":
@@ -291,6 +297,10 @@ def _library_row(sets: dict[str, Scored], temperature: float, method: str, share
         if k in ("dev", "dev2"):
             inscope_flags.append(flag)
             inscope_review.append(review)
+            correct = s.logits.argmax(1) == s.meta["label_id"].to_numpy()
+            row[f"{k} accuracy"], row[f"{k} accuracy kept"] = correct.mean(), correct[~flag].mean()
+            # right labels the detector took away, as a share of the set
+            row[f"{k} right labels lost"] = (correct & flag).mean()
     f, r = np.concatenate(inscope_flags), np.concatenate(inscope_review)
     row["in-scope"], row["in-scope +review"] = f.mean(), (f | r).mean()
     return row
@@ -454,18 +464,21 @@ def finetune(out: Path, epochs: int = 3, seed: int = 0, weight: float = 0.5, lr:
 
 # ---------------------------------------------------------------------------- report
 
+ACCURACY = [("dev acc.", "dev accuracy"), ("dev acc. kept", "dev accuracy kept"),
+            ("dev right lost", "dev right labels lost"), ("dev2 acc.", "dev2 accuracy"),
+            ("dev2 acc. kept", "dev2 accuracy kept"), ("dev2 right lost", "dev2 right labels lost")]
 SUMMARY = [("AUROC", "AUROC"), ("FM test", "fmnist-test"), ("other", "other"), ("other +rev", "other +review"),
            ("dev", "dev"), ("dev2 studio", "dev2 studio"), ("dev2 home", "dev2 home"), ("in-scope", "in-scope"),
            ("in-scope +rev", "in-scope +review")]
 
 
-def markdown(rows: pd.DataFrame) -> str:
+def markdown(rows: pd.DataFrame, columns: list[tuple[str, str]] = SUMMARY) -> str:
     """The summary as a markdown table, shares in percent."""
-    lines = ["| score | threshold rule | " + " | ".join(h for h, _ in SUMMARY) + " |",
-             "|---|---|" + "---:|" * len(SUMMARY)]
+    lines = ["| score | threshold rule | " + " | ".join(h for h, _ in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
     for _, r in rows.iterrows():
         cells = []
-        for h, k in SUMMARY:
+        for h, k in columns:
             v = r.get(k)
             cells.append("-" if v is None or pd.isna(v) else f"{v:.3f}" if h == "AUROC" else f"{100 * v:.1f}")
         lines.append(f"| {r['score']} | {r['rule']} | " + " | ".join(cells) + " |")
@@ -508,7 +521,7 @@ def main() -> None:
         finetune(args.out, args.epochs, args.seed, args.weight, args.lr, init=args.init)
         return
     loaded, sets = collect(args.model, {"other": args.other, "dev": args.dev, "dev2": args.dev2}, args.cache)
-    rows, detail = evaluate(sets, loaded.temperature)
+    rows, detail = evaluate(sets, loaded.temperature, loaded.detector)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line),
                     platform.processor())
@@ -517,6 +530,9 @@ def main() -> None:
           f"temperature {loaded.temperature}; {time.strftime('%Y-%m-%d', time.gmtime())}; CPU {cpu_name}")
     print("review rule alone (confidence < 0.5): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in review.items()))
     print(markdown(rows))
+    print()
+    print("Accuracy of the in-scope photos the detector leaves labeled (the model's top class):")
+    print(markdown(rows[rows["score"].str.contains("etector")], ACCURACY))
     for score in args.detail:
         for rule in rows.loc[rows["score"] == score, "rule"]:
             print()

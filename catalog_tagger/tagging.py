@@ -82,6 +82,8 @@ class Tagger:
         self.classes = loaded.classes
         self.top_k = max(1, min(settings.top_k, len(self.classes)))
         self.detector = loaded.detector
+        # Once: it hashes the card's calibration and detector (a 180 KB entry), not per row.
+        self.ident = loaded.ident
 
     def collate(self, on_cpu: bool) -> Collate:
         """How a DataLoader worker should batch decoded items: with the model run there on CPU."""
@@ -173,7 +175,7 @@ class Tagger:
             "file_size": item.file_size,
             "mtime": item.mtime_us,  # integer microseconds: exact, so --incremental can compare
             "sha256": item.sha256,
-            "model": self.loaded.ident,
+            "model": self.ident,
             "run_id": self.run_id,
             "tagged_at": tagged_at,
         }
