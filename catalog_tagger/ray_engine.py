@@ -16,6 +16,8 @@ that still fails stops the run as an interruption, finished shards kept for ``--
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -61,6 +63,18 @@ def tag_shard_task(job: ShardJob, device: str, workers: int, records: list[Recor
     return table, ray.get_runtime_context().get_node_id()
 
 
+def _check_reachable(address: str | None) -> None:
+    """Refuse a HOST:PORT nobody listens on: ray.init would retry it for ever, logging."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in host:
+        return  # no address (Ray starts here), "auto", or a ray:// client address: Ray's to judge
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; "
+                         "check --ray-address (or $RAY_ADDRESS) and that the head node runs") from None
+
+
 class RayEngine:
     """Tags shards as Ray tasks on the cluster at ``address`` (None: ``$RAY_ADDRESS``, else a
     Ray instance started on this machine)."""
@@ -89,6 +103,7 @@ class RayEngine:
         self.device = "cuda" if self.num_gpus > 0 else "cpu"
         self.workers = config.workers or 0
         if not ray.is_initialized():
+            _check_reachable(self.address or os.environ.get("RAY_ADDRESS"))
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)

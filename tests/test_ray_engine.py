@@ -247,6 +247,15 @@ def test_an_option_an_engine_cannot_honour_is_refused(run_cli, catalog, tmp_path
     assert not (tmp_path / "t.parquet").exists() and not (tmp_path / "t.parquet.parts").exists()
 
 
+def test_a_ray_address_nobody_answers_is_refused_at_once(catalog, tmp_path):
+    """Ray itself would retry it for ever; a typo in --ray-address is one sentence instead."""
+    pytest.importorskip("ray")
+    started = time.monotonic()
+    proc = cli("tag", catalog, "--out", tmp_path / "t.parquet", "--engine", "ray", "--ray-address", "127.0.0.1:1")
+    assert proc.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "t.parquet.parts").exists()
+
+
 def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, tmp_path):
     from catalog_tagger.ray_engine import RayEngine
     from catalog_tagger.run import run_tagging
