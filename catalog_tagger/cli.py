@@ -205,6 +205,10 @@ def evaluate(ctx: click.Context, model: Path | None, data_dir: Path | None, out:
     for name, row in result["per_class"].items():
         click.echo(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  "
                    f"{row['support']:7d}")
+    flagged = result.get("out_of_scope")
+    if flagged:  # every image here is in scope: whatever the detector flags, it flags wrongly
+        click.echo(f"out of scope, wrongly: {flagged['in_scope_flagged']:.2%} of these in-scope images ("
+                   + ", ".join(f"{k} {v:.1%}" for k, v in flagged["per_class"].items() if v is not None) + ")")
     if result.get("report_files"):
         click.echo("report: " + ", ".join(result["report_files"]))
 

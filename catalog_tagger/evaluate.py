@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .calibration import expected_calibration_error, softmax
 from .checkpoint import load_model, output_folder
@@ -14,12 +16,21 @@ from .data.fashion_mnist import load_split
 from .data.labeled import LabeledArrays, load_labeled
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES
-from .runtime import predict_logits_array, prepare_model, resolve_device, resolve_workers
+from .out_of_scope import Detector
+from .runtime import (
+    iter_batches,
+    predict_features_and_logits,
+    predict_logits_array,
+    prepare_model,
+    resolve_device,
+    resolve_workers,
+)
 
 
 def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]:
     """Accuracy, per-class report and confusion matrix of a model on the Fashion-MNIST test
-    set, or on labeled photos (``config.data`` folder or ``config.manifest``).
+    set, or on labeled photos (``config.data`` folder or ``config.manifest``); with the card's
+    out-of-scope detector, the share of these in-scope images it flags (``out_of_scope``).
 
     With ``config.out``, also writes metrics.json, confusion_matrix.{csv,png} and a grid of
     sample predictions.
@@ -51,10 +62,35 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
         "ece_after": expected_calibration_error(probs.max(1), correct),
     }
     result["dataset"] = dataset
+    if loaded.detector is not None:
+        result["out_of_scope"] = in_scope_flagged(loaded.detector, model, test, correct, device, config.batch_size)
     if config.out is not None:
         result["report_files"] = [str(p) for p in write_report(
             Path(config.out), result, test.images, test.labels, raw, probs, loaded.classes, config.grid_size)]
     return result
+
+
+def in_scope_flagged(detector: Detector, model: torch.nn.Module, test: LabeledArrays, correct: np.ndarray,
+                     device: torch.device, batch_size: int) -> dict[str, Any]:
+    """What the card's out-of-scope detector does to labeled (so in-scope) images, as ``tag``
+    would: the share flagged (wrongly rejected), overall and per class, and the accuracy of
+    the rows it leaves labeled."""
+    feats, logits = [], []
+    for batch in iter_batches(test.images, batch_size):
+        f, z = predict_features_and_logits(model, batch, device)
+        feats.append(f.numpy())
+        logits.append(z.numpy())
+    reasons = detector.reasons(np.concatenate(feats), np.concatenate(logits), test.images)
+    flagged = np.array([r is not None for r in reasons], bool)
+    kinds = Counter(r.split(":", 1)[0] for r in reasons if r is not None)
+    return {
+        "detector": detector.fitted_on,
+        "in_scope_flagged": float(flagged.mean()) if len(flagged) else 0.0,
+        "per_class": {name: float(flagged[test.labels == k].mean()) if (test.labels == k).any() else None
+                      for k, name in enumerate(test.classes)},
+        "by_reason": dict(sorted(kinds.items())),
+        "accuracy_unflagged": float(correct[~flagged].mean()) if (~flagged).any() else None,
+    }
 
 
 def write_report(out: Path, result: dict[str, Any], images: np.ndarray, labels: np.ndarray, raw: np.ndarray,

@@ -314,3 +314,18 @@ def test_incremental_runs_carry_out_of_scope_rows_over(run_cli, no_garments, tmp
     assert summary["carried_over"] == len(NO_GARMENT_PHOTOS) and summary["processed"] == 0
     columns = ["image_id", "status", "error", "needs_review", "run_id"]
     pd.testing.assert_frame_equal(first[columns], second[columns])
+
+
+def test_evaluate_reports_the_in_scope_images_the_detector_flags(run_cli, fmnist_test, tmp_path):
+    data = tmp_path / "labeled"
+    for k, name in ((0, "T-shirt/top"), (1, "Trouser")):
+        folder = data / name.replace("/", "-")
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(fmnist_test.labels == k)[:6]:
+            render_catalog_photo(fmnist_test.images[i], 6).save(folder / f"{i}.png")
+    report = json.loads(run_cli("-q", "evaluate", "--data", data, "--json").output)["out_of_scope"]
+    assert set(report["per_class"]) == set(load_model().classes) and report["in_scope_flagged"] <= 0.25
+    everything = _bundled_copy(tmp_path, lambda card: card["out_of_scope"].update(threshold=-1e9))
+    report = json.loads(run_cli("-q", "evaluate", "--data", data, "--model", everything, "--json").output)
+    assert report["out_of_scope"]["in_scope_flagged"] == 1.0 and report["out_of_scope"]["by_reason"] == {"unlike": 12}
+    assert report["out_of_scope"]["per_class"]["Trouser"] == 1.0 and report["out_of_scope"]["per_class"]["Bag"] is None
