@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from catalog_tagger.decode import STATUSES
+from catalog_tagger.schema import OUT_OF_SCOPE
 from catalog_tagger.synth import render_catalog_photo
 
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -86,7 +87,7 @@ def test_thousands_of_mutated_files_each_get_exactly_one_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = pd.read_parquet(out)
     assert rows["image_id"].tolist() == sorted(names)  # none lost, none duplicated, in order
-    assert set(rows["status"]) <= set(STATUSES)
+    assert set(rows["status"]) <= set(STATUSES) | {OUT_OF_SCOPE}  # a decodable oddity may be out of scope
     failed = rows[rows["status"] != "ok"]
     assert failed["error"].notna().all() and failed["label"].isna().all()
     ok = rows[rows["status"] == "ok"]
