@@ -271,12 +271,18 @@ def test_train_refuses_nan(tmp_path, args):
 # -- 11: spreadsheet formulas ---------------------------------------------------------------------
 
 
-def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
+def _photos_named(tmp_path: Path, hostile_name: str) -> Path:
+    """A folder of two good photos, one of them under ``hostile_name``, one as plain.jpg."""
     images = tmp_path / "images"
     images.mkdir()
-    hostile_name = "=HYPERLINK(\"http:x\")a.jpg"
     shutil.copy(SAMPLE / GOOD[0], images / hostile_name)
     shutil.copy(SAMPLE / GOOD[2], images / "plain.jpg")
+    return images
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    hostile_name = "=HYPERLINK(\"http:x\")a.jpg"
+    images = _photos_named(tmp_path, hostile_name)
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": [f"images/{hostile_name}", "images/plain.jpg"],
                   "title": ["=cmd|' /C calc'!A0", "@SUM(1+1)"], "price": ["-5", "12"]}).to_csv(manifest, index=False)
@@ -497,11 +503,8 @@ def test_train_never_overwrites_a_model_unless_asked(tmp_path, tiny_data_dir, mo
 def test_a_review_workbook_keeps_formula_like_names_as_text(tmp_path):
     from openpyxl import load_workbook
 
-    images = tmp_path / "images"
-    images.mkdir()
     hostile = "=HYPERLINK(\"http:x\",\"click\")a.jpg"
-    shutil.copy(SAMPLE / GOOD[0], images / hostile)
-    shutil.copy(SAMPLE / GOOD[2], images / "plain.jpg")
+    images = _photos_named(tmp_path, hostile)
     tags = tmp_path / "tags.parquet"
     assert cli("tag", images, "--out", tags, "--workers", "0").returncode == 0
     book = tmp_path / "review.xlsx"
