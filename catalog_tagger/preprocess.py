@@ -285,6 +285,9 @@ def _grabcut(probe: np.ndarray, iterations: int = 4) -> np.ndarray | None:
     mask = np.zeros((h, w), np.uint8)
     rect = (max(1, round(0.06 * w)), max(1, round(0.06 * h)), max(2, round(0.88 * w)), max(2, round(0.88 * h)))
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    # GrabCut starts its colour models with k-means from OpenCV's global random state: left
+    # alone, a photo's cutout would depend on which photos the process converted before.
+    cv2.setRNGSeed(0)
     try:
         cv2.grabCut(rgb, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
     except cv2.error:
