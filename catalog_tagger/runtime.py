@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cpu_fusion import fuse_conv_gelu
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -116,7 +117,9 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
         # the CPU's to float32 rounding, and this network is nowhere near compute-bound there.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    return fold_batchnorm(model).to(device).to(memory_format=torch.channels_last)
+    prepared = fold_batchnorm(model).to(device).to(memory_format=torch.channels_last)
+    # On CPU each convolution and its GELU run as one oneDNN call (cpu_fusion.py: 1.1-1.3x, labels unchanged).
+    return fuse_conv_gelu(prepared) if device.type == "cpu" else prepared
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
