@@ -39,12 +39,17 @@ from catalog_tagger.model import FASHION_MNIST_CLASSES, ModelConfig
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+# Decoded once for every lever set: YCbCr's Y plane is bit for bit the grey decode, so the
+# grey lever sets see what ``tag`` gives them and the colour cutout its colours.
+COLOUR = preprocess.Levers(clutter="grabcut-fast", colour_cutout=True)
+
+
 def decode_like_tag(path: Path, config: ModelConfig) -> Image.Image:
     """The image ``decode._decode_open`` hands to the preprocessing (JPEG draft mode)."""
     img = Image.open(path)
     if img.format in ("JPEG", "MPO"):
         target = 4 * config.input_size
-        img.draft("L" if config.channels == 1 else "RGB", (target, target))
+        img.draft(preprocess.draft_mode(config, COLOUR), (target, target))
     img.load()
     return ImageOps.exif_transpose(img)
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import IMAGE_FORMATS
 from .model import ModelConfig
-from .preprocess import to_model_array
+from .preprocess import draft_mode, to_model_array
 
 # Pillow's own bomb check runs on the *declared* size before draft mode has had a chance
 # to shrink a JPEG; we check the pixels actually decoded instead (see decode_file).
@@ -132,7 +132,7 @@ def _decode_open(img: Image.Image, config: ModelConfig, max_pixels: int) -> Deco
     if img.format in ("JPEG", "MPO"):
         # Only 28x28 is needed: let libjpeg decode at 1/2, 1/4 or 1/8 scale directly.
         target = 4 * config.input_size
-        img.draft("L" if config.channels == 1 else "RGB", (target, target))
+        img.draft(draft_mode(config), (target, target))
     decoded_pixels = img.size[0] * img.size[1]
     # Checked before anything else touches the pixels: reading EXIF from a PNG can mean
     # decoding the whole image to reach a chunk after the pixel data.

@@ -13,7 +13,8 @@ invisible inside its own outline (white on white) is filled, and every item's pi
 lifted to at least a faint grey, so that it keeps its silhouette after negation; a tall
 object with a head on a neck over the shoulders (a top worn by a model) loses the head;
 and a cluttered backdrop (floor, bed, carpet: a border far from one colour) is cut away
-with OpenCV's GrabCut when OpenCV is installed. Light-on-black input takes none of them.
+with OpenCV's GrabCut, on the photo's colours (a JPEG is decoded as YCbCr for that: its Y
+plane is the grey the model sees). Light-on-black input takes none of them.
 
 Training on the Fashion-MNIST IDX files skips this function only because those images
 are its output already; a test tags the test set written out as PNG files and checks the
@@ -22,7 +23,7 @@ accuracy matches ``evaluate``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,12 +33,12 @@ from .model import ModelConfig
 
 PREPROCESSING = {
     "name": "fashion-mnist-conversion",
-    "version": 2,
+    "version": 3,
     "steps": [
         "exif-transpose", "first-frame", "alpha-onto-white", "to-8-bit",
         "estimate-background-from-border", "trim-background (tolerance 5%)",
         "fill-faint-item (white on white)", "cut-head-of-worn-photo",
-        "cluttered-backdrop: grabcut-cutout (opencv, when installed)",
+        "cluttered-backdrop: grabcut-cutout on the colours (jpeg decoded as YCbCr, opencv)",
         "negate-if-light-background (background -> 0)", "item-floor 40", "resize-longest-edge", "unsharp-mask",
         "centre-on-square-canvas",
     ],
@@ -106,6 +107,7 @@ class Levers:
     clutter: str = "none"  # "none", "grabcut", "grabcut-fast" (OpenCV; only where the backdrop is not plain)
     edge_threshold: float = 12.0
     close_size: int = 3
+    colour_cutout: bool = False  # GrabCut on the photo's colours (decoded as YCbCr) rather than on grey
 
 
 V1 = Levers()
@@ -227,15 +229,18 @@ def to_model_array(img: Image.Image, config: ModelConfig) -> np.ndarray:
 
 def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray:
     """``to_model_array`` with each lever chosen (benchmarks only; the product uses DEFAULT)."""
-    img = to_8bit(img)
+    # A JPEG decoded as YCbCr (``draft_mode``) carries the grey a grey decode gives, bit for
+    # bit, as its Y plane, and the colours the cutout may want.
+    img = img if img.mode == "YCbCr" else to_8bit(img)
+    colour = img if config.channels == 1 and levers.colour_cutout and img.mode in ("RGB", "YCbCr") else None
     if config.channels == 1 and img.mode != "L":
-        img = img.convert("L")
+        img = img.getchannel(0) if img.mode == "YCbCr" else img.convert("L")
     elif config.channels == 3 and img.mode != "RGB":
         img = img.convert("RGB")
     probe, k = _probe(img, config.input_size)
     background, spread = _background(probe)
     if levers.clutter != "none" and spread > CLUTTER_SPREAD:
-        cut = _cutout(img, probe, k, config, levers)
+        cut = _cutout(colour, probe, k, config, levers)
         if cut is not None:
             return cut
     light = float(background.mean()) >= LIGHT_BACKGROUND
@@ -295,20 +300,25 @@ def _grabcut(probe: np.ndarray, iterations: int = 4) -> np.ndarray | None:
     return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
-def _cutout(img: Image.Image, probe: np.ndarray, k: int, config: ModelConfig, levers: Levers) -> np.ndarray | None:
-    """Cluttered backdrop: segment the object, black out the rest, and make the object
-    light on black whichever is brighter (a dark shirt on a pale floor is negated, a pale
-    one on a dark carpet is not)."""
+def _cutout(colour: Image.Image | None, probe: np.ndarray, k: int, config: ModelConfig,
+            levers: Levers) -> np.ndarray | None:
+    """Cluttered backdrop: segment the object (on ``colour`` where given, else on the grey
+    probe), black out the rest, and make the object light on black whichever is brighter
+    (a dark shirt on a pale floor is negated, a pale one on a dark carpet is not)."""
+    source = probe
+    if colour is not None:
+        small_colour = (colour.reduce(k) if k > 1 else colour).convert("RGB")
+        source = np.asarray(small_colour).astype(np.float32)
     if levers.clutter == "grabcut-fast":
         # GrabCut at about two pixels per output pixel, 2 iterations: about 4x cheaper.
-        small = Image.fromarray(np.clip(probe[..., 0] if probe.shape[2] == 1 else probe, 0, 255).astype(np.uint8))
+        small = Image.fromarray(np.clip(source[..., 0] if source.shape[2] == 1 else source, 0, 255).astype(np.uint8))
         small = small.reduce(2) if max(small.size) >= 4 * config.input_size else small
         mask = _grabcut(np.asarray(small).reshape(small.size[1], small.size[0], -1).astype(np.float32), 2)
         if mask is not None and mask.shape != probe.shape[:2]:
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
                 (probe.shape[1], probe.shape[0]), Image.Resampling.NEAREST)) > 127
     else:
-        mask = _grabcut(probe)
+        mask = _grabcut(source)
     if mask is None or mask.sum() < 0.02 * mask.size or mask.all():
         return None
     if levers.fill_holes is True:
@@ -376,9 +386,10 @@ def _fit(out: np.ndarray, size: int) -> np.ndarray:
 
 
 # Measured lever by lever in docs/zero-shot-accuracy.md.
-DEFAULT = Levers(fill_holes="faint", brightness="floor", head_crop=True, clutter="grabcut-fast")
+DEFAULT = Levers(fill_holes="faint", brightness="floor", head_crop=True, clutter="grabcut-fast", colour_cutout=True)
 LEVER_SETS = {
     "v1": V1,
+    "v2": replace(DEFAULT, colour_cutout=False),  # the default of 2026-11-30: the cutout on grey
     "v1-stretch": Levers(brightness="stretch"),
     "v1-stretch-floor": Levers(brightness="stretch-floor"),
     "v1-floor": Levers(brightness="floor"),
@@ -403,7 +414,18 @@ LEVER_SETS = {
     "v1+grabcut": Levers(clutter="grabcut"),
     "v1+grabcut-stretch": Levers(clutter="grabcut", brightness="stretch"),
     "cf-stretch+grabcut": Levers(mask="contrast", fill_holes=True, brightness="stretch", clutter="grabcut"),
+    "v2-full": replace(DEFAULT, colour_cutout=False, clutter="grabcut"),
+    "default-full": replace(DEFAULT, clutter="grabcut"),
 }
+
+
+def draft_mode(config: ModelConfig, levers: Levers | None = None) -> str:
+    """The mode a JPEG is decoded in for this conversion: grey for a 1-channel model, or
+    YCbCr when its cutout wants colour (Y is the grey plane; chroma costs ~4% more decode)."""
+    levers = DEFAULT if levers is None else levers
+    if config.channels != 1:
+        return "RGB"
+    return "YCbCr" if levers.colour_cutout and levers.clutter != "none" else "L"
 
 
 def image_to_tensor(img: Image.Image, config: ModelConfig) -> torch.Tensor:

@@ -124,3 +124,22 @@ def test_a_file_that_decodes_too_long_is_cut_off(tmp_path, monkeypatch):
     assert _time.monotonic() - start < 3
     monkeypatch.setattr(Image.Image, "load", original)
     assert decode_file(str(path), CONFIG, LIMIT, time_limit_s=0.3).status == "ok"
+
+
+def test_a_colour_jpeg_gives_the_model_exactly_the_grey_a_grey_decode_gives(tmp_path):
+    # A JPEG is decoded as YCbCr so that a cluttered photo's cutout can use its colours; a
+    # plain photo must still convert bit for bit from the grey plane libjpeg gives.
+    from catalog_tagger.preprocess import to_model_array
+
+    rng = np.random.default_rng(2)
+    item = np.zeros((28, 28), np.uint8)
+    item[3:25, 6:22] = rng.integers(60, 255, (22, 16))
+    grey = np.asarray(render_catalog_photo(item, 20, canvas=(600, 800)).convert("L"), np.float32)
+    tint = np.array([1.0, 0.8, 0.55])  # a brown garment on white
+    photo = 255 - (255 - grey[..., None]) * tint
+    path = tmp_path / "colour.jpg"
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8), "RGB").save(path, quality=90)
+    with Image.open(path) as img:
+        img.draft("L", (4 * CONFIG.input_size,) * 2)
+        want = to_model_array(img, CONFIG)
+    assert (decode_file(str(path), CONFIG, LIMIT).array == want).all()

@@ -237,6 +237,22 @@ def test_a_garment_on_a_cluttered_floor_is_cut_out():
     assert (~near).sum() > 50 and out[~near].mean() < 10
 
 
+def test_a_garment_the_grey_of_the_carpet_is_cut_out_by_its_colour(tmp_path):
+    # Red on a green carpet of the same brightness: in grey the two are one texture, so
+    # the cutout works on the colours the JPEG is decoded with.
+    h, w = 400, 300
+    yy, xx = np.mgrid[0:h, 0:w]
+    texture = 25 * np.sin(xx / 6.0 + yy / 9.0) + np.random.default_rng(0).normal(0, 8, (h, w))
+    shape = _shirt_mask(w, h)
+    photo = np.empty((h, w, 3))
+    photo[:] = (40, 120, 60)  # grey level 89
+    photo[shape] = (200, 40, 60)  # grey level 90
+    photo += texture[..., None]
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8), "RGB").save(tmp_path / "carpet.jpg", quality=90)
+    out = decode_file(str(tmp_path / "carpet.jpg"), CONFIG, BIG).array[0]
+    assert _silhouette_recall(out, shape) > 0.85
+
+
 def _worn_top(head: bool) -> Image.Image:
     """A dark top worn by a person (head on a neck above the shoulders) on white."""
     h, w = 160, 80
@@ -314,3 +330,4 @@ def test_a_cluttered_photo_converts_the_same_whatever_ran_before(seed):
         cv2.setRNGSeed(state)  # what other photos before this one would have left behind
         outs.append(to_model_array(photo, CONFIG))
     assert all((out == outs[0]).all() for out in outs[1:])
+
