@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from .model import ModelConfig
+from .shoe_pairs import one_of_a_pair
 
 PREPROCESSING = {
     "name": "fashion-mnist-conversion",
@@ -107,6 +108,7 @@ class Levers:
     clutter: str = "none"  # "none", "grabcut", "grabcut-fast" (OpenCV; only where the backdrop is not plain)
     edge_threshold: float = 12.0
     close_size: int = 3
+    pair: str = "none"  # "one": of two alike objects side by side keep the larger; "one-turned": + lay a tall one down
     colour_cutout: bool = False  # GrabCut on the photo's colours (decoded as YCbCr) rather than on grey
 
 
@@ -245,6 +247,9 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
             return cut
     light = float(background.mean()) >= LIGHT_BACKGROUND
     mask = _object_mask(probe, background, spread, levers if light else V1)
+    pair = one_of_a_pair(mask) if light and levers.pair != "none" else None
+    if pair is not None:
+        mask, others = pair
     bbox = _bbox(mask, k, img.size)
     arr = np.asarray(img)
     if bbox is not None:
@@ -272,8 +277,26 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
             out = _brightness(out, inside, levers.brightness)
         if levers.blank_outside_mask:
             out = out * soft
+    if pair is not None and bbox is not None:
+        # The other shoe's pixels inside this one's box (and a pixel around them) go.
+        box = (slice(bbox[1] // k, -(-bbox[3] // k)), slice(bbox[0] // k, -(-bbox[2] // k)))
+        near = Image.fromarray(_filter(others, ImageFilter.MaxFilter(3))[box].astype(np.uint8) * 255)
+        gone = np.asarray(near.resize((out.shape[1], out.shape[0]), Image.Resampling.NEAREST)) > 127
+        out = _turn(np.where(gone[..., None], 0.0, out), levers)
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
     return _fit(out, config.input_size)
+
+
+# A kept shoe this much taller than wide was seen from above, toe up: "one-turned" lays
+# it on its side, toe to the left, as Fashion-MNIST's shoes face.
+TALL_SHOE = 1.3
+
+
+def _turn(out: np.ndarray, levers: Levers) -> np.ndarray:
+    h, w = out.shape[:2]
+    if levers.pair == "one-turned" and h > TALL_SHOE * w:
+        return np.ascontiguousarray(np.rot90(out, 1))  # counter-clockwise: the toe (top) to the left
+    return out
 
 
 # A plain backdrop (studio, catalog) has a border spread of 0-5 grey levels; floors, beds
@@ -323,6 +346,9 @@ def _cutout(colour: Image.Image | None, probe: np.ndarray, k: int, config: Model
         return None
     if levers.fill_holes is True:
         mask = _fill_holes(mask)
+    pair = one_of_a_pair(mask) if levers.pair != "none" else None
+    if pair is not None:
+        mask = pair[0]
     grey = probe.mean(axis=2)
     inside, outside = float(np.median(grey[mask])), float(np.median(grey[~mask]))
     bbox = _bbox(mask, 1, (probe.shape[1], probe.shape[0]))
@@ -337,6 +363,8 @@ def _cutout(colour: Image.Image | None, probe: np.ndarray, k: int, config: Model
     else:
         vals = out[m]
         out = out * (255.0 / max(float(np.percentile(vals, 99)) if vals.size else 1.0, 1.0))
+    if pair is not None:
+        out = _turn(out, levers)
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)[..., None]
     if config.channels == 3:
         out = np.repeat(out, 3, axis=2)
@@ -416,6 +444,8 @@ LEVER_SETS = {
     "cf-stretch+grabcut": Levers(mask="contrast", fill_holes=True, brightness="stretch", clutter="grabcut"),
     "v2-full": replace(DEFAULT, colour_cutout=False, clutter="grabcut"),
     "default-full": replace(DEFAULT, clutter="grabcut"),
+    "default+pair": replace(DEFAULT, pair="one"),
+    "default+pair-turned": replace(DEFAULT, pair="one-turned"),
 }
 
 

@@ -331,3 +331,87 @@ def test_a_cluttered_photo_converts_the_same_whatever_ran_before(seed):
         outs.append(to_model_array(photo, CONFIG))
     assert all((out == outs[0]).all() for out in outs[1:])
 
+
+# --- One shoe out of a pair (lever set "default+pair"; measured, not in the default) -----
+
+def _paste(photo: Image.Image, shape: Image.Image, xy: tuple[int, int], grey: int = 60) -> None:
+    photo.paste(grey, xy, shape)
+
+
+def _shoe_from_above() -> Image.Image:
+    """A sole seen from above, toe up: widest at the ball of the foot, narrower at the heel."""
+    yy, xx = np.mgrid[0:300, 0:120]
+    half = 60 * np.where(yy < 120, 1.0, 1.0 - 0.3 * (yy - 120) / 180)
+    inside = np.abs(xx - 60) <= half * np.sqrt(np.clip(1 - ((yy - 150) / 150) ** 2, 0, 1))
+    return Image.fromarray(inside.astype(np.uint8) * 255).rotate(10, expand=True, resample=Image.Resampling.BILINEAR)
+
+
+def _pair_of_shoes(gap: int) -> Image.Image:
+    """Left and right shoe (mirror images), toes out, ``gap`` pixels apart at the heels
+    (at 10 they touch)."""
+    photo = Image.new("L", (420, 500), 250)
+    left = _shoe_from_above()
+    _paste(photo, left, (210 - left.size[0] - gap // 2 + 30, 100))
+    _paste(photo, left.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (210 + (gap + 1) // 2 - 30, 100))
+    return photo.convert("RGB")
+
+
+def _columns(out: np.ndarray) -> int:
+    return int((out.max(axis=0) > 30).sum())
+
+
+@pytest.mark.parametrize("gap", [40, 10])
+def test_a_pair_of_shoes_converts_to_one_shoe(gap):
+    from catalog_tagger.preprocess import DEFAULT, LEVER_SETS, convert
+
+    photo = _pair_of_shoes(gap)
+    assert _columns(convert(photo, CONFIG, DEFAULT)[0]) >= 20  # both shoes, side by side
+    one = convert(photo, CONFIG, LEVER_SETS["default+pair"])[0]
+    assert _columns(one) <= 14
+    turned = convert(photo, CONFIG, LEVER_SETS["default+pair-turned"])[0]
+    assert int((turned.max(axis=1) > 30).sum()) <= 14  # laid on its side: wide, not tall
+
+
+def _side_view_shoe() -> Image.Image:
+    photo = Image.new("L", (500, 400), 250)
+    shoe = Image.new("L", (500, 400), 0)
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(shoe).polygon([(60, 300), (60, 150), (200, 140), (330, 230), (440, 250), (450, 300)], fill=255)
+    _paste(photo, shoe, (0, 0))
+    return photo.convert("RGB")
+
+
+def _trousers() -> Image.Image:
+    """Two legs apart, joined only by a waistband a tenth of the height."""
+    photo = np.full((480, 260), 250, np.uint8)
+    photo[40:80, 40:220] = 70  # waistband
+    photo[80:440, 40:115] = 70  # legs, a gap of 30 between them
+    photo[80:440, 145:220] = 70
+    return Image.fromarray(photo).convert("RGB")
+
+
+def _worn_figure() -> Image.Image:
+    """A dark top worn by a person, head and legs apart (the legs joined by the body)."""
+    photo = np.asarray(_worn_top(True)).copy()
+    photo[120:160] = 255
+    photo[120:160, 18:36] = 40  # left leg
+    photo[120:160, 44:62] = 40  # right leg
+    return Image.fromarray(photo).convert("RGB")
+
+
+def _bag() -> Image.Image:
+    photo = np.full((400, 400), 250, np.uint8)
+    photo[150:360, 60:340] = 80  # the bag
+    yy, xx = np.mgrid[0:400, 0:400]
+    ring = np.abs(np.hypot((yy - 150) / 110.0, (xx - 200) / 100.0) - 1) < 0.08
+    photo[ring & (yy < 150)] = 80  # the handle
+    return Image.fromarray(photo).convert("RGB")
+
+
+@pytest.mark.parametrize("draw", [_side_view_shoe, _trousers, _worn_figure, _bag])
+def test_one_item_is_not_split_as_a_pair(draw):
+    from catalog_tagger.preprocess import DEFAULT, LEVER_SETS, convert
+
+    photo = draw()
+    assert (convert(photo, CONFIG, LEVER_SETS["default+pair"]) == convert(photo, CONFIG, DEFAULT)).all()
