@@ -61,6 +61,7 @@ from catalog_tagger.config import TagConfig  # noqa: E402
 from catalog_tagger.data.fashion_mnist import load_split  # noqa: E402
 from catalog_tagger.run import run_tagging  # noqa: E402
 from catalog_tagger.runtime import (  # noqa: E402
+    cpu_model,
     describe_device,
     native_bf16,
     predict_logits_array,
@@ -132,17 +133,6 @@ class Report:
             figures = "; ".join(f"{k} {v}" for k, v in s.items() if k not in ("section", "ok", "seconds"))
             lines.append(f"| {s['section']} | {result} | {s['seconds']} | {figures} |")
         (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it (never a nickname)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import copy
 import os
 import platform
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -75,9 +76,20 @@ def describe_device(device: torch.device) -> str:
     """
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    arch = platform.processor() or platform.machine()
     bf16 = ", native bf16" if native_bf16(device) else ""
-    return f"cpu ({arch}, {torch.backends.cpu.get_cpu_capability()}{bf16}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}{bf16}, {torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (never a nickname); the architecture
+    where the system does not say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def training_dtype(device: torch.device, mixed_precision: bool = True) -> torch.dtype:
