@@ -2,7 +2,8 @@
 
     python benchmarks/tag_stages.py FOLDER [--n 300] [--runs 3] [--model PATH]
 
-Stages, each timed over the same files (median of --runs passes):
+Stages, each timed over the same files (median of --runs passes) in CPU time of the thread,
+which other jobs on a shared machine disturb far less than wall time:
 draft decode only (what the decode limit in tag_speed.py measures), draft decode plus the
 Fashion-MNIST conversion, `decode_file` as `tag` calls it (adds stat, EXIF and the time
 limit), and the network with the model's flip TTA on one batch. Their sum against the
@@ -32,10 +33,10 @@ from catalog_tagger.runtime import describe_device, predict_logits, prepare_mode
 def ms_per_image(fn: Callable[[str], object], paths: list[str], runs: int) -> tuple[float, list[float]]:
     passes = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = time.thread_time()
         for path in paths:
             fn(path)
-        passes.append((time.perf_counter() - start) / len(paths) * 1000)
+        passes.append((time.thread_time() - start) / len(paths) * 1000)
     return statistics.median(passes), passes
 
 
@@ -67,9 +68,9 @@ def main() -> None:
     predict_logits(model, batch, torch.device("cpu"))  # warm-up
     timings = []
     for _ in range(args.runs):
-        start = time.perf_counter()
+        start = time.thread_time()
         predict_logits(model, batch, torch.device("cpu"))
-        timings.append((time.perf_counter() - start) / len(batch) * 1000)
+        timings.append((time.thread_time() - start) / len(batch) * 1000)
     tta = " with flip TTA" if config.flip_tta else ""
     print(f"  {'network' + tta:<28} {statistics.median(timings):6.3f} ms   passes: "
           f"{', '.join(f'{t:.3f}' for t in timings)}")
