@@ -2,6 +2,8 @@
 
     python benchmarks/review_loop.py /path/to/realphoto-dev --out runs/review-loop
     python benchmarks/review_loop.py /path/to/realphoto-dev2 --styles studio home --budgets 50 100 200 --jobs 8
+    python benchmarks/review_loop.py ../shared/realphoto-dev ../shared/realphoto-dev2 \
+        --other ../shared/realphoto-other --budgets 200 --seeds 0 1 2 --strategies review --out runs/rl-oos
 
 For each budget N and each strategy, through the real CLI:
 
@@ -20,6 +22,12 @@ coverage of the rows ``--target-precision`` auto-accepts. Writes ``results.json`
 ``labels.csv`` (``file,label_id,label_name``, optionally ``style``); with ``--styles`` each
 style is a catalog of its own (tagged through a manifest of its photos), as a retailer with
 only studio or only home photos would run it.
+
+With ``--other FOLDER`` (``images/`` and ``labels.csv`` with ``file,article``) the catalog
+mixes those out-of-scope photos into the in-scope ones (issue 18): the person types
+``other`` for them, and each row also reports, on the photos not reviewed, the share of
+out-of-scope photos caught (``status = out_of_scope``) and of in-scope ones flagged, alone
+and together with the rows sent to review (``needs_review``).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import pandas as pd
 
 TAGGER = [sys.executable, "-m", "catalog_tagger"]
 TARGETS = (0.90, 0.95)
+OTHER = "other"  # what the person types for a photo of none of the classes
 
 
 def run(*args: object) -> None:
@@ -65,11 +74,23 @@ def fill(workbook: Path, truth: dict[str, str]) -> int:
 def score(tags: Path, truth: dict[str, str], reviewed: set[str]) -> dict[str, float]:
     frame = pd.read_parquet(tags)
     frame = frame[~frame["path"].map(os.path.abspath).isin(reviewed)]
-    right = frame["label"] == frame["path"].map(lambda p: truth[os.path.abspath(p)])
+    expected = frame["path"].map(lambda p: truth[os.path.abspath(p)])
+    other = (expected == OTHER).to_numpy()
+    flagged = (frame["status"] == "out_of_scope").to_numpy()
+    held = flagged | frame["needs_review"].fillna(True).to_numpy(bool)
+    frame, expected = frame[~other], expected[~other]  # accuracy and precision: in-scope photos only
+    right = frame["label"] == expected  # a flagged photo has no label: not right
     accepted = ~frame["needs_review"]
-    return {"n": int(len(frame)), "accuracy": float(right.mean()),
-            "precision": float(right[accepted].mean()) if accepted.any() else float("nan"),
-            "coverage": float(accepted.mean())}
+    got = {"n": int(len(frame)), "accuracy": float(right.mean()),
+           "precision": float(right[accepted].mean()) if accepted.any() else float("nan"),
+           "coverage": float(accepted.mean())}
+    if other.any():  # issue 18: both sides of the reject decision
+        got.update({"n_other": int(other.sum()), "other_caught": float(flagged[other].mean()),
+                    "other_caught_or_review": float(held[other].mean()),
+                    "in_scope_flagged": float(flagged[~other].mean()),
+                    "in_scope_flagged_or_review": float(held[~other].mean()),
+                    "accuracy_left_labeled": float(right[~flagged[~other]].mean())})
+    return got
 
 
 def point_rule(work: Path, truth: dict[str, str], reviewed: set[str], target: float) -> dict[str, float] | None:
@@ -91,7 +112,11 @@ def point_rule(work: Path, truth: dict[str, str], reviewed: set[str], target: fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("photos", type=Path, help="folder with images/ and labels.csv")
+    parser.add_argument("photos", type=Path, nargs="+", help="folder(s) with images/ and labels.csv")
+    parser.add_argument("--other", type=Path, help="folder of out-of-scope photos (labels.csv: file,article) to mix in")
+    parser.add_argument("--strategies", nargs="+", default=["review", "random"], choices=["review", "random"])
+    parser.add_argument("--targets", action=argparse.BooleanOptionalAction, default=True,
+                        help="also tag at each --target-precision (three tags a loop instead of one)")
     parser.add_argument("--out", type=Path, default=Path("runs/review-loop"))
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -110,9 +135,12 @@ def main() -> None:
     if args.jobs > 1:  # loops side by side: each process gets its share of the cores
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
-    labels = pd.read_csv(args.photos / "labels.csv")
-    truth = {os.path.abspath(args.photos / f): name for f, name in zip(labels["file"], labels["label_name"])}
-    dataset = args.photos.resolve().name
+    folders = [*args.photos, *([args.other] if args.other else [])]
+    labels = pd.concat([pd.read_csv(f / "labels.csv").assign(
+        file=lambda t, f=f: [os.path.abspath(f / x) for x in t["file"]],
+        label_name=lambda t, f=f: OTHER if f == args.other else t["label_name"]) for f in folders], ignore_index=True)
+    truth = dict(zip(labels["file"], labels["label_name"]))
+    dataset = " + ".join(f.resolve().name for f in folders)
     catalogs = ({dataset: labels} if not args.styles else
                 {f"{dataset} {s}": labels[labels["style"] == s] for s in args.styles})
     results: list[dict] = []
@@ -120,18 +148,19 @@ def main() -> None:
     for name, rows in catalogs.items():
         out = args.out / name.replace(" ", "-")
         out.mkdir(parents=True, exist_ok=True)
-        source = args.photos / "images"
-        if args.styles:  # a manifest of this style's photos is the catalog
+        source = args.photos[0] / "images"
+        if args.styles or len(folders) > 1:  # a manifest of these photos is the catalog
             source = out / "manifest.csv"
-            pd.DataFrame({"path": [os.path.abspath(args.photos / f) for f in rows["file"]]}).to_csv(source, index=False)
+            pd.DataFrame({"path": list(rows["file"])}).to_csv(source, index=False)
         base = out / "tags.parquet"
+        targets = TARGETS if args.targets else ()
         if not args.report_only:
             run("tag", source, "--out", base)
-            for target in TARGETS:
+            for target in targets:
                 run("tag", source, "--out", out / f"bundled-{target}.parquet", "--target-precision", target)
         bundled = {"catalog": name, "strategy": "none (bundled model)", "budget": 0, "seed": None,
                    **score(base, truth, set())}
-        for target in TARGETS:
+        for target in targets:
             bundled[f"at_{target}"] = score(out / f"bundled-{target}.parquet", truth, set())
         results.append(bundled)
         for seed in args.seeds:
@@ -139,6 +168,8 @@ def main() -> None:
                 if budget >= len(rows):
                     continue  # nothing would be left to measure on
                 for strategy, extra in (("review", []), ("random", ["--random-share", "1"])):
+                    if strategy not in args.strategies:
+                        continue
                     tasks.append((name, source, base, out / f"{strategy}-{budget}-s{seed}", seed, budget, strategy,
                                   extra))
 
@@ -151,7 +182,8 @@ def main() -> None:
             loop(args, source, base, work, truth, seed, budget, extra)
         elif not (work / "tags.parquet").exists():
             return {}
-        row = {"catalog": name, "strategy": strategy, "budget": budget, "seed": seed, **evaluate_run(work, truth)}
+        row = {"catalog": name, "strategy": strategy, "budget": budget, "seed": seed, "learn_args": args.learn_args,
+               **evaluate_run(work, truth)}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(row), flush=True)
         with lock:  # written after every loop: a run cut short keeps what it finished
@@ -167,7 +199,7 @@ def main() -> None:
 
 def write_report(results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    report = table(results) + "\n" + summary(results)
+    report = table(results) + "\n" + summary(results) + "\n" + reject_table(results)
     (out / "results.md").write_text(report)
     plot(results, out / "learning_curve.png")
     print(report)
@@ -182,7 +214,7 @@ def loop(args: argparse.Namespace, source: Path, base: Path, work: Path, truth: 
     fill(work / "review.xlsx", truth)
     run("learn", work / "review.xlsx", "--out", work / "model", "--seed", seed, *args.learn_args.split())
     run("tag", source, "--model", work / "model", "--out", work / "tags.parquet")
-    for target in TARGETS:
+    for target in TARGETS if args.targets else ():
         try:
             run("tag", source, "--model", work / "model", "--out", work / f"tags-{target}.parquet",
                 "--target-precision", target)
@@ -195,6 +227,11 @@ def evaluate_run(work: Path, truth: dict[str, str]) -> dict:
     reviewed = {os.path.abspath(p) for p in pd.read_excel(work / "review.xlsx", header=1)["path"]}
     card = json.loads((work / "model" / "model.json").read_text())
     row = {"cv_accuracy": card["metrics"]["cv_accuracy"], **score(work / "tags.parquet", truth, reviewed)}
+    if "out_of_scope" in card:  # how learn chose the reject threshold, as the card says
+        chosen = card["out_of_scope"]["chosen"]
+        row["reject"] = {"source": chosen["source"], "other_reviewed": chosen["other"],
+                         "card_in_scope_flagged": chosen["in_scope_flagged"],
+                         "card_other_caught": chosen["other_caught"]}
     for target in TARGETS:
         tagged = work / f"tags-{target}.parquet"
         row[f"at_{target}"] = score(tagged, truth, reviewed) if tagged.exists() else None
@@ -247,6 +284,28 @@ def summary(results: list[dict]) -> str:
                           f"{sum(precision) / len(got):.1%} ({min(precision):.1%}), "
                           f"{sum(g['coverage'] for g in got) / len(got):.1%}" + (f"; {miss} without" if miss else ""))
         lines.append(f"| {catalog} | {budget} | {cells[0]} | {cells[1]} | {diff} | {' | '.join(at)} |")
+    return "\n".join(lines) + "\n"
+
+
+def reject_table(results: list[dict]) -> str:
+    """Issue 18's two sides on the photos not reviewed, mean (min-max) over seeds."""
+    rows = [r for r in results if "n_other" in r]
+    if not rows:
+        return ""
+    keys = ("other_caught", "other_caught_or_review", "in_scope_flagged", "in_scope_flagged_or_review", "accuracy",
+            "accuracy_left_labeled")
+    lines = ["| catalog | model | labels | seeds | `other` reviewed | out of scope caught | caught or review | "
+             "in scope flagged | flagged or review | in-scope accuracy | accuracy of rows left labeled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    frame = pd.DataFrame(rows).fillna({"learn_args": ""})
+    for (catalog, strategy, budget, extra), group in frame.groupby(["catalog", "strategy", "budget", "learn_args"],
+                                                                    sort=False, dropna=False):
+        model = "bundled" if not budget else f"learn ({strategy}{', ' + extra if extra else ''})"
+        cells = [f"{group[k].mean():.1%} ({group[k].min():.1%}-{group[k].max():.1%})" if len(group) > 1
+                 else f"{group[k].mean():.1%}" for k in keys]
+        others = [r["other_reviewed"] for r in group.get("reject", pd.Series(dtype=object)) if isinstance(r, dict)]
+        lines.append(f"| {catalog} | {model} | {budget} | {len(group)} | {', '.join(map(str, others)) or '-'} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -344,6 +344,9 @@ def calibrate(ctx: click.Context, model: Path, data_dir: Path | None, device: st
               help="Earlier review workbook or CSV whose photos are not asked again (repeatable).")
 @click.option("--random-share", type=FiniteFloatRange(0, 1), default=default(ReviewConfig, "random_share"),
               show_default=True, help="Share of the budget drawn at random, for an unbiased precision estimate.")
+@click.option("--flagged-share", type=FiniteFloatRange(0, 1), default=default(ReviewConfig, "flagged_share"),
+              show_default=True, help="Share of the budget for photos flagged out of scope, for learn's reject "
+                                      "threshold.")
 @click.option("--seed", type=int, default=default(ReviewConfig, "seed"), show_default=True)
 @click.option("--thumbnail-size", type=click.IntRange(16, 512), default=default(ReviewConfig, "thumbnail_size"),
               show_default=True, help="Longest side of each thumbnail in pixels.")
@@ -354,20 +357,22 @@ def calibrate(ctx: click.Context, model: Path, data_dir: Path | None, device: st
 @click.pass_context
 @reports_errors
 def review(ctx: click.Context, tags: Path, budget: int, out: Path, exclude: tuple[Path, ...], random_share: float,
-           seed: int, thumbnail_size: int, model: Path | None, overwrite: bool) -> None:
+           flagged_share: float, seed: int, thumbnail_size: int, model: Path | None, overwrite: bool) -> None:
     """Choose the photos of a `tag` output (TAGS) most worth labelling, into a workbook or page.
 
-    A random slice (why = random) measures the model without bias; the rest are the most
-    typical photos of as many different kinds of photo as the budget allows (why =
-    typical). Fill in correct_label, then run `catalog-tagger learn`.
+    A random slice (why = random) measures the model without bias; a share goes to photos
+    flagged out of scope (why = out_of_scope); the rest are the most typical photos of as
+    many different kinds of photo as the budget allows (why = typical). Fill in
+    correct_label ('other' for a photo of none of the classes), then run `catalog-tagger learn`.
     """
     from .review import build_review
 
-    config = ReviewConfig(tags=tags, out=out, budget=budget, random_share=random_share, exclude=exclude,
-                          seed=seed, thumbnail_size=thumbnail_size, model=model, overwrite=overwrite)
+    config = ReviewConfig(tags=tags, out=out, budget=budget, random_share=random_share, flagged_share=flagged_share,
+                          exclude=exclude, seed=seed, thumbnail_size=thumbnail_size, model=model, overwrite=overwrite)
     result = build_review(config)
-    whys = {w: sum(1 for i in result.items if i.why == w) for w in ("random", "typical")}
-    click.echo(f"{len(result.items)} photos to review ({whys['random']} random, {whys['typical']} typical; "
+    whys = {w: sum(1 for i in result.items if i.why == w) for w in ("random", "out_of_scope", "typical")}
+    click.echo(f"{len(result.items)} photos to review ({whys['random']} random, {whys['out_of_scope']} flagged out "
+               f"of scope, {whys['typical']} typical; "
                f"{result.candidates} candidates, {result.excluded} already reviewed) -> {result.out} "
                f"({_size(result.bytes)})", err=True)
 
@@ -386,27 +391,40 @@ def _size(n: int) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=default(LearnConfig, "batch_size"), show_default=True)
 @click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=default(LearnConfig, "lr"), show_default=True)
 @click.option("--seed", type=int, default=default(LearnConfig, "seed"), show_default=True)
+@click.option("--max-in-scope-flagged", type=FiniteFloatRange(0, 1),
+              default=default(LearnConfig, "max_in_scope_flagged"), show_default=True,
+              help="Reject threshold: flag at most this share of the reviewed in-scope photos (out of fold).")
+@click.option("--outlier-weight", type=FiniteFloatRange(0), default=default(LearnConfig, "outlier_weight"),
+              show_default=True, help="Weight of the rows marked 'other' as outlier exposure in fine-tuning (0: off).")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
 @device_option
 @click.option("--overwrite", is_flag=True, help="Replace the model in --out if there is one.")
 @click.pass_context
 @reports_errors
 def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path | None, folds: int, epochs: int,
-          batch_size: int, lr: float, seed: int, workers: int | None, device: str, overwrite: bool) -> None:
+          batch_size: int, lr: float, seed: int, max_in_scope_flagged: float, outlier_weight: float,
+          workers: int | None, device: str, overwrite: bool) -> None:
     """Fine-tune on filled review workbooks or CSVs (path + correct_label) into a new model folder.
 
-    Empty correct_label cells are not reviewed; 'other' keeps a photo out of training.
-    Accuracy and calibration in the card come from k-fold out-of-fold predictions.
+    Empty correct_label cells are not reviewed; 'other' (none of the classes) tunes the
+    out-of-scope threshold and teaches the model what is not a class. Accuracy, calibration
+    and that threshold come from k-fold out-of-fold predictions.
     """
     from .learn import learn as learn_from
 
     config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, batch_size=batch_size,
-                         lr=lr, seed=seed, device=device, workers=workers, overwrite=overwrite)
+                         lr=lr, seed=seed, device=device, workers=workers, overwrite=overwrite,
+                         max_in_scope_flagged=max_in_scope_flagged, outlier_weight=outlier_weight)
     card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))
     m, t = card["metrics"], card["training"]
     click.echo(f"learned from {t['labels']} photos ({t['other']} other, {t['missing_photos']} missing, "
                f"{t['skipped_images']} undecodable) in {t['seconds']:.0f}s: cross-validated accuracy "
                f"{m['cv_accuracy']:.3f} (was {m['init_accuracy']:.3f}) -> {out}", err=True)
+    chosen = card["out_of_scope"]["chosen"]
+    caught = chosen["other_caught"]["share"]
+    other = f" and catches {caught:.1%} of the {chosen['other']} marked other" if chosen["other"] else ""
+    click.echo(f"out of scope: {chosen['rule']}; out of fold it flags {chosen['in_scope_flagged']['share']:.1%} "
+               f"of them{other}", err=True)
 
 
 def main() -> None:

@@ -11,6 +11,10 @@ each one is used twice, never for the same thing at once:
 2. The final model is fine-tuned the same way on every label and carries that
    calibration (``calibration.source = "own_photos"``).
 
+Rows marked ``other`` (none of the classes) are dealt into the folds too: out-of-fold scores
+of both kinds set the reject threshold of the card's out-of-scope detector (reject.py), and
+while fine-tuning they are outlier exposure (``LearnConfig.outlier_weight``).
+
 Fine-tuning is ``train --init``'s recipe (same ``train_one_epoch``, augmentation, SGD
 with warm-up and decay) on arrays decoded once by the tagging decoder.
 """
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import shutil
 import time
@@ -37,7 +40,9 @@ from .checkpoint import LoadedModel, load_model, output_folder, save_model
 from .config import LearnConfig, TrainConfig
 from .data.labeled import class_key, decode_paths
 from .errors import DataError, OutputError
+from .metrics import clopper_pearson_lower
 from .model import FASHION_MNIST_CLASSES, GarmentNet, build_model
+from .reject import ReviewedScores, tune_detector
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
 from .tagging import default_workers
@@ -53,7 +58,7 @@ CONFIDENCE_LEVEL = 0.90
 
 @dataclass
 class ReviewedSet:
-    """Reviewed photos that decoded, with class indices, and what was left out."""
+    """Reviewed photos that decoded, with class indices (-1: marked ``other``), and what was left out."""
 
     paths: list[str]
     labels: np.ndarray
@@ -62,6 +67,12 @@ class ReviewedSet:
     other: int
     missing: list[str]
     undecodable: list[dict[str, str]]
+
+    def in_scope(self) -> ReviewedSet:
+        """Only the rows labeled with a class."""
+        keep = self.labels >= 0
+        return ReviewedSet([p for p, k in zip(self.paths, keep) if k], self.labels[keep], self.random[keep],
+                           self.images[keep], self.other, self.missing, self.undecodable)
 
 
 def collect_labels(files: list[Path], classes: tuple[str, ...]) -> tuple[list[ReviewRow], list[int], int]:
@@ -102,7 +113,7 @@ def _name(index: int, classes: tuple[str, ...]) -> str:
 def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> ReviewedSet:
     rows, indices, _ = collect_labels(list(config.reviewed), loaded.classes)
     other = sum(1 for i in indices if i < 0)
-    kept = [(r, i) for r, i in zip(rows, indices) if i >= 0]
+    kept = list(zip(rows, indices))
     # A photo deleted since the review is skipped and counted, not fatal: catalogs change
     # between the review and the weekly learn, and the other labels are still good.
     missing = [r.path for r, _ in kept if not os.path.isfile(r.path)]
@@ -114,8 +125,9 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
     paths = [r.path for r, _ in kept]
     images, ok, problems = decode_paths(paths, loaded.config, min(workers, max(1, len(paths) // 64)), progress)
     kept = [k for k, good in zip(kept, ok) if good]
-    if len(kept) < MIN_LABELS:
-        raise DataError(f"only {len(kept)} reviewed photos can be learned from ({other} marked {OTHER!r}, "
+    learnable = sum(1 for _, i in kept if i >= 0)
+    if learnable < MIN_LABELS:
+        raise DataError(f"only {learnable} reviewed photos can be learned from ({other} marked {OTHER!r}, "
                         f"{len(missing)} missing, {len(problems)} undecodable); label at least {MIN_LABELS}")
     return ReviewedSet(
         paths=[r.path for r, _ in kept], labels=np.array([i for _, i in kept], np.int64),
@@ -137,8 +149,9 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config: LearnConfig,
-              device: torch.device, seed: int) -> GarmentNet:
-    """A copy of ``init`` fine-tuned on ``images``/``labels`` with ``train``'s recipe."""
+              device: torch.device, seed: int, outliers: np.ndarray | None = None) -> GarmentNet:
+    """A copy of ``init`` fine-tuned on ``images``/``labels`` with ``train``'s recipe, and with
+    ``outliers`` (photos of none of the classes) as outlier exposure."""
     recipe = TrainConfig()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -156,8 +169,9 @@ def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config:
     images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     state = TrainState(model, optimizer, scheduler, generator)
     settings = StepSettings(batch_size, device, recipe.label_smoothing, worn)  # float32, as before
+    outliers_t = torch.from_numpy(outliers).to(device) if outliers is not None and len(outliers) else None
     for _ in range(config.epochs):
-        train_one_epoch(state, images_t, labels_t, settings)
+        train_one_epoch(state, images_t, labels_t, settings, outliers=outliers_t, outlier_weight=config.outlier_weight)
     return model.eval()
 
 
@@ -171,19 +185,29 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
         raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there "
                           "or choose another --out")
     init = load_model(config.init)
-    data = load_reviewed(config, init, progress)
+    reviewed = load_reviewed(config, init, progress)
     device = resolve_device(config.device)
-    n = len(data.labels)
-    k = max(2, min(config.folds, n // 2))
-    fold = stratified_folds(data.labels, k, config.seed)
+    inside = reviewed.labels >= 0
+    k = max(2, min(config.folds, int(inside.sum()) // 2))
+    fold = stratified_folds(reviewed.labels, k, config.seed)  # `other` rows are a stratum of their own
     eval_batch = 1024
-    before = predict_logits_array(init.model.to(device).eval(), data.images, device, eval_batch)
-    oof = np.zeros_like(before)
+    oof_all = np.zeros((len(inside), len(init.classes)), np.float32)
     for f in range(k):
-        log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int((fold != f).sum()))
-        model = fine_tune(init, data.images[fold != f], data.labels[fold != f], config, device, config.seed + f)
-        oof[fold == f] = predict_logits_array(model, data.images[fold == f], device, eval_batch)
-    final = fine_tune(init, data.images, data.labels, config, device, config.seed + k)
+        log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int(((fold != f) & inside).sum()))
+        train, held = (fold != f) & inside, fold == f
+        model = fine_tune(init, reviewed.images[train], reviewed.labels[train], config, device, config.seed + f,
+                          outliers=reviewed.images[(fold != f) & ~inside])
+        oof_all[held] = predict_logits_array(model, reviewed.images[held], device, eval_batch)
+    final = fine_tune(init, reviewed.images[inside], reviewed.labels[inside], config, device, config.seed + k,
+                      outliers=reviewed.images[~inside])
+    detector = tune_detector(
+        ReviewedScores(oof_all[inside], reviewed.images[inside], reviewed.random[inside], oof_all[~inside],
+                       reviewed.images[~inside], reviewed.random[~inside]),
+        init.detector, config.max_in_scope_flagged, config.min_other, config.fallback_flag_share)
+    data = reviewed.in_scope()
+    n = len(data.labels)
+    before = predict_logits_array(init.model.to(device).eval(), data.images, device, eval_batch)
+    oof = oof_all[inside]
 
     calibration = calibrate(oof, data.labels)
     probs = softmax(oof, calibration["temperature"])
@@ -256,6 +280,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
             "test_accuracy": None,
         },
         "calibration": calibration,
+        "out_of_scope": detector,
         "package_version": __version__,
         "torch_version": torch.__version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -305,46 +330,3 @@ def bounded_table(confidence: np.ndarray, correct: np.ndarray, points: int = 101
                       "precision_lower_bound": clopper_pearson_lower(good, m),
                       "coverage": m / len(conf), "accepted": m})
     return table
-
-
-def clopper_pearson_lower(successes: int, n: int, level: float = CONFIDENCE_LEVEL) -> float:
-    """One-sided lower confidence bound for a binomial proportion (exact, Clopper-Pearson):
-    the p at which seeing ``successes`` or more out of ``n`` has probability 1 - level."""
-    if n <= 0 or successes <= 0:
-        return 0.0
-    alpha = 1.0 - level
-    # P(X >= s | p) = I_p(s, n - s + 1), increasing in p: bisect for alpha.
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if _betainc(successes, n - successes + 1, mid) < alpha:
-            lo = mid
-        else:
-            hi = mid
-    return round(lo, 6)
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (no SciPy here)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-12:
-            break
-    return math.exp(log_front) * h / a

@@ -1,7 +1,8 @@
-"""Pure functions over label arrays: accuracy, confusion matrix, per-class report."""
+"""Pure functions over label arrays: accuracy, confusion matrix, per-class report, binomial bounds."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,3 +46,51 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
         },
         "confusion_matrix": cm.astype(np.int64).tolist(),
     }
+
+
+def clopper_pearson_lower(successes: int, n: int, level: float = 0.90) -> float:
+    """One-sided lower confidence bound for a binomial proportion (exact, Clopper-Pearson):
+    the p at which seeing ``successes`` or more out of ``n`` has probability 1 - level."""
+    if n <= 0 or successes <= 0:
+        return 0.0
+    alpha = 1.0 - level
+    # P(X >= s | p) = I_p(s, n - s + 1), increasing in p: bisect for alpha.
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _betainc(successes, n - successes + 1, mid) < alpha:
+            lo = mid
+        else:
+            hi = mid
+    return round(lo, 6)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (no SciPy here)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-12:
+            break
+    return math.exp(log_front) * h / a
+
+
+def clopper_pearson_upper(successes: int, n: int, level: float = 0.90) -> float:
+    """One-sided upper confidence bound for a binomial proportion (exact, Clopper-Pearson)."""
+    return 1.0 if n <= 0 else round(1.0 - clopper_pearson_lower(n - successes, n, level), 6)

@@ -7,10 +7,16 @@ A review of N photos serves two purposes that pull in different directions:
 - teaching the model needs photos that stand for the rest of the catalog (``why = typical``).
 
 So a share of the budget (``random_share``) is a seeded random draw from all taggable
-photos. The rest are the most typical photos of as many different kinds of photo as the
-budget allows: the photos are grouped into that many clusters by k-means on the model's
-penultimate features (what the network "sees"), and the photo nearest each cluster's centre
-is asked. Exact duplicates (same sha256, from ``tag --hash``) are asked once.
+photos, those the model labeled and those its detector flagged out of scope alike: ``learn``
+estimates from them both how often in-scope photos are flagged and how many out-of-scope
+ones are caught. A second share (``flagged_share``, ``why = out_of_scope``) goes to photos
+the detector flagged, where a catalog's "none of these" photos are most likely to be: the
+``other`` labels they get are what ``learn`` tunes the reject decision with. The rest are
+the most typical labeled photos of as many different kinds of photo as the budget allows:
+the photos are grouped into that many clusters by k-means on the model's penultimate
+features (what the network "sees"), and the photo nearest each cluster's centre is asked
+(the flagged share is chosen the same way among the flagged photos). Exact duplicates
+(same sha256, from ``tag --hash``) are asked once.
 
 Why not the least confident photos: measured on real photos (docs/review-loop.md), they
 taught the model less than a random draw. The bundled model's mistakes on real photos are
@@ -45,6 +51,9 @@ log = logging.getLogger(__name__)
 OTHER = "other"
 WHY_RANDOM = "random"
 WHY_TYPICAL = "typical"
+WHY_FLAGGED = "out_of_scope"
+# The tag statuses a person can label: the photo decoded, and the model said something about it.
+REVIEWABLE = ("ok", "out_of_scope")
 KMEANS_ITERATIONS = 25
 
 
@@ -91,16 +100,22 @@ def read_tags(path: Path) -> tuple[pd.DataFrame, tuple[str, ...] | None]:
     missing = [c for c in ("image_id", "path", "status", "label", "confidence") if c not in frame.columns]
     if missing:
         raise DataError(f"{path} is not a catalog-tagger tag output: no column {missing[0]!r}")
-    frame = frame[frame["status"].astype(str) == "ok"].copy()
+    frame = frame[frame["status"].astype(str).isin(REVIEWABLE)].copy()
+    frame["flagged"] = frame["status"].astype(str) == "out_of_scope"
     frame["confidence"] = pd.to_numeric(frame["confidence"], errors="coerce").fillna(0.0)
     frame["topk"] = [_topk(row) for row in frame.to_dict("records")]
+    # A flagged row has no label; the person sees that, with the nearest class as a hint.
+    nearest = [f"out of scope (nearest: {t[0][0]})" if t else "out of scope" for t in frame["topk"]]
+    frame["label"] = np.where(frame["flagged"], nearest, frame["label"].astype(str))
+    frame["confidence"] = np.where(frame["flagged"], [t[0][1] if t else 0.0 for t in frame["topk"]],
+                                   frame["confidence"])
     return frame.reset_index(drop=True), classes
 
 
 def _topk(row: dict[str, Any]) -> list[tuple[str, float]]:
     if "topk_labels" in row and row["topk_labels"] is not None:
         return [(str(a), float(b)) for a, b in zip(row["topk_labels"], row["topk_scores"])]
-    pairs = [(str(row["label"]), float(row["confidence"]))]
+    pairs = [(str(row["label"]), float(row["confidence"]))] if str(row["label"]) else []
     k = 2
     while f"label_{k}" in row:  # CSV output: label_2, score_2, ...
         if str(row[f"label_{k}"]):
@@ -124,8 +139,10 @@ def reviewed_keys(files: list[Path]) -> set[str]:
 
 
 def choose(frame: pd.DataFrame, budget: int, random_share: float, seed: int,
-           features: np.ndarray) -> list[tuple[int, str]]:
-    """Row positions with their ``why``: a random slice first, then typical ones.
+           features: np.ndarray, flagged_share: float = 0.0) -> list[tuple[int, str]]:
+    """Row positions with their ``why``: a random slice first (from every row), then typical
+    flagged rows (``flagged_share`` of the budget, when ``frame["flagged"]`` has them), then
+    typical labeled ones; a part that runs out of rows leaves its share to the next.
 
     ``features``: one row per frame row (the model's penultimate features); rows of NaN
     (photos that no longer decode) can be drawn at random but are never typical."""
@@ -143,7 +160,16 @@ def choose(frame: pd.DataFrame, budget: int, random_share: float, seed: int,
         key = frame["sha256"]
         known = key.notna() & (key.astype(str) != "")
         free &= ~(key.duplicated() & known).to_numpy()
-    picked += [(i, WHY_TYPICAL) for i in typical(features, free, budget - n_random, rng)]
+    flagged = frame["flagged"].to_numpy(bool) if "flagged" in frame.columns else np.zeros(n, bool)
+    n_flagged = min(int(round(budget * flagged_share)), budget - n_random)
+    picked += [(i, WHY_FLAGGED) for i in typical(features, free & flagged, n_flagged, rng)]
+    left = budget - len(picked)
+    labeled = typical(features, free & ~flagged, left, rng)
+    picked += [(i, WHY_TYPICAL) for i in labeled]
+    if len(labeled) < left:  # fewer labeled photos than their share: the flagged ones fill it
+        taken = np.zeros(n, bool)
+        taken[[i for i, _ in picked]] = True
+        picked += [(i, WHY_FLAGGED) for i in typical(features, free & flagged & ~taken, left - len(labeled), rng)]
     return picked
 
 
@@ -151,10 +177,10 @@ def typical(features: np.ndarray, free: np.ndarray, k: int, rng: np.random.Gener
     """``k`` rows among ``free``: k-means (k-means++ start) on the L2-normalised features,
     then the row nearest each centre, largest cluster first."""
     rows = np.flatnonzero(free)
-    if k >= len(rows):  # every photo is asked: nothing to choose (and k-means would be slow)
-        return rows.tolist()
     if k <= 0:
         return []
+    if k >= len(rows):  # every photo is asked: nothing to choose (and k-means would be slow)
+        return rows.tolist()
     x = features[rows].astype(np.float64)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     centres, assigned = kmeans(x, k, rng)
@@ -252,9 +278,9 @@ def build_review(config: ReviewConfig) -> ReviewResult:
         frame = frame[~mask].reset_index(drop=True)
     if frame.empty:
         raise DataError(f"{config.tags} has no taggable photo left to review "
-                        f"({before} with status ok, {excluded} already reviewed)")
+                        f"({before} with status ok or out_of_scope, {excluded} already reviewed)")
     features = photo_features([str(p) for p in frame["path"]], config.model)
-    picks = choose(frame, config.budget, config.random_share, config.seed, features)
+    picks = choose(frame, config.budget, config.random_share, config.seed, features, config.flagged_share)
     items = [ReviewItem(str(frame["image_id"].iat[i]), str(frame["path"].iat[i]), str(frame["label"].iat[i]),
                         float(frame["confidence"].iat[i]), list(frame["topk"].iat[i]), why) for i, why in picks]
     if kind == ".xlsx":

@@ -136,8 +136,13 @@ class TrainState:
 
 
 def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, settings: StepSettings,
-                    desc: str = "train") -> tuple[float, float]:
+                    desc: str = "train", outliers: torch.Tensor | None = None, outlier_weight: float = 0.0
+                    ) -> tuple[float, float]:
     """One pass over shuffled uint8 ``images`` (N, C, H, W); returns (mean loss, accuracy).
+
+    ``outliers``: uint8 images of none of the classes (outlier exposure, Hendrycks et al.
+    2019): each step also pushes the softmax of up to half a batch of them, drawn at random
+    and mirrored at random, towards uniform, with ``outlier_weight``.
 
     Under DDP every rank draws the same permutation from ``state.generator`` and takes every
     world_size-th index of it (what DistributedSampler does), with its own
@@ -171,6 +176,8 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
         with training_autocast(device, settings.dtype):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
+            if outliers is not None and len(outliers) and outlier_weight > 0:
+                loss = loss + outlier_weight * _uniform_loss(net, outliers, batch_size, device, aug_generator)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -183,6 +190,16 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
             bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(total_correct) / seen:.3f}")
     loss_sum, correct, count = sum_across([float(total_loss), float(total_correct), float(seen)], dist_info, device)
     return loss_sum / count, correct / count
+
+
+def _uniform_loss(net: nn.Module, outliers: torch.Tensor, batch_size: int, device: torch.device,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Cross-entropy from the softmax of a random draw of ``outliers`` to the uniform distribution."""
+    pick = torch.randint(len(outliers), (max(1, min(batch_size // 2, len(outliers))),), generator=generator)
+    x = to_unit(outliers[pick.to(outliers.device)], device)
+    mirror = (torch.rand(len(pick), generator=generator) < 0.5).to(x.device)
+    x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+    return -F.log_softmax(net(x).float(), 1).mean(1).mean()
 
 
 # Steps between updates of the progress bar's loss and accuracy (each update waits for the GPU).

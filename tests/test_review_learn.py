@@ -454,3 +454,134 @@ def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tmp_path
     assert done.returncode == 3
     assert ((models / "model.json").read_bytes() if better else None) == published
     assert better or not models.exists()
+
+
+# ---------------------------------------------------------------- "none of these" (issue 18)
+
+def _chessboard(rng: np.random.Generator):
+    """A photo of no garment that the bundled detector mostly misses (a Sandal at 0.9)."""
+    from PIL import Image, ImageDraw
+
+    cell, n = int(rng.integers(25, 60)), int(rng.integers(5, 9))
+    img = Image.new("RGB", (cell * n + 40, cell * n + 40), "white")
+    draw, colour = ImageDraw.Draw(img), tuple(int(c) for c in rng.integers(0, 120, 3))
+    for a in range(n):
+        for b in range(n):
+            if (a + b) % 2:
+                draw.rectangle((20 + a * cell, 20 + b * cell, 20 + (a + 1) * cell, 20 + (b + 1) * cell), fill=colour)
+    return img
+
+
+def _rings_or_stripes(rng: np.random.Generator, stripes: bool):
+    """Photos of no garment that the bundled detector flags (its ink and grain bounds)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (400, 400), "white")
+    draw, colour = ImageDraw.Draw(img), tuple(int(c) for c in rng.integers(0, 120, 3))
+    if stripes:
+        w = int(rng.integers(10, 25))
+        for x in range(-400, 400, 2 * w):
+            draw.polygon([(x, 0), (x + w, 0), (x + w + 400, 400), (x + 400, 400)], fill=colour)
+    else:
+        for r in range(180, 10, -int(rng.integers(15, 30))):
+            draw.ellipse((200 - r, 200 - r, 200 + r, 200 + r), outline=colour, width=int(rng.integers(4, 9)))
+    return img
+
+
+@pytest.fixture(scope="module")
+def mixed_catalog(tmp_path_factory: pytest.TempPathFactory, fmnist_test) -> tuple[Path, dict[str, str]]:
+    """Garments rendered as catalog photos (6 per class), 12 chessboards, 8 rings and stripes
+    and an unreadable file; the truth a person would type (``other`` for no garment)."""
+    from catalog_tagger.synth import render_catalog_photo
+
+    folder = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    truth: dict[str, str] = {}
+    for c, name in enumerate(FASHION_MNIST_CLASSES):
+        for i in np.flatnonzero(fmnist_test.labels == c)[:6]:
+            path = folder / f"item{i:05d}.jpg"
+            render_catalog_photo(fmnist_test.images[i], int(rng.integers(3, 8)), rng=rng).save(path)
+            truth[str(path)] = name
+    for i in range(12):
+        _chessboard(rng).save(folder / f"chess{i:02d}.png")
+        truth[str(folder / f"chess{i:02d}.png")] = OTHER
+    for i in range(8):
+        _rings_or_stripes(rng, stripes=i % 2 == 1).save(folder / f"shape{i:02d}.png")
+        truth[str(folder / f"shape{i:02d}.png")] = OTHER
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return folder, truth
+
+
+@pytest.fixture(scope="module")
+def mixed_review(mixed_catalog) -> tuple[Path, pd.DataFrame]:
+    """The mixed catalog tagged by the bundled model, and a review of 70 of its 80 readable photos."""
+    from click.testing import CliRunner
+
+    from catalog_tagger.cli import cli
+
+    catalog, _ = mixed_catalog
+    tags = catalog.parent / f"{catalog.name}-tags.parquet"
+    for args in (["-q", "tag", str(catalog), "--out", str(tags), "--workers", "0"],
+                 ["review", str(tags), "--budget", "70", "--out", str(tags.with_suffix(".xlsx"))]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+    return tags, pd.read_excel(tags.with_suffix(".xlsx"), header=1)
+
+
+def _fill_and_learn(run_cli, mixed_review, truth: dict[str, str], work: Path,
+                    keep_other: int | None = None) -> tuple[dict, str]:
+    """Fill the review (at most ``keep_other`` rows typed 'other') and learn; the card and learn's output."""
+    tags, rows = mixed_review
+    others = [p for p in rows["path"] if truth[p] == OTHER]
+    typed = {p: truth[p] for p in rows["path"] if truth[p] != OTHER or p in others[:keep_other]}
+    fill(tags.with_suffix(".xlsx"), work / "filled.xlsx", typed)
+    result = run_cli("learn", work / "filled.xlsx", "--out", work / "model", "--epochs", "20", "--folds", "3",
+                     "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return json.loads((work / "model" / "model.json").read_text()), result.output
+
+
+def test_photos_marked_other_tune_the_learned_models_reject_threshold(run_cli, mixed_catalog, mixed_review,
+                                                                      tmp_path) -> None:
+    catalog, truth = mixed_catalog
+    tags, rows = mixed_review
+    card, said = _fill_and_learn(run_cli, mixed_review, truth, tmp_path)
+    # review offers flagged photos as such, draws its random slice from flagged and labeled
+    # photos alike, and never offers the file that could not be read
+    flagged = rows[rows["why"] == "out_of_scope"]
+    assert len(flagged) >= 5 and flagged["label"].str.startswith("out of scope (nearest: ").all()
+    assert not rows["path"].str.endswith("broken.jpg").any()
+    assert set(rows["why"]) == {"random", "out_of_scope", "typical"}
+    marked = [p for p in rows["path"] if truth[p] == OTHER]
+    assert len(marked) >= 10
+    entry = card["out_of_scope"]
+    assert entry["method"] == "energy" and entry["chosen"]["source"] == "reviewed photos"
+    assert entry["chosen"]["other"] == len(marked) and entry["chosen"]["out_of_fold"]
+    assert entry["chosen"]["in_scope"] == card["training"]["labels"]
+    measured = entry["chosen"]["in_scope_flagged"]  # LearnConfig.max_in_scope_flagged, out of fold
+    assert measured["share"] <= 0.10 and measured["share"] <= measured["upper_bound"]
+    assert entry["chosen"]["other_caught"]["lower_bound"] <= entry["chosen"]["other_caught"]["share"]
+    assert "catches" in said and "marked other" in said
+
+    # the new model flags the photos marked other and keeps the garments, reviewed or not
+    out = tmp_path / "again.parquet"
+    assert run_cli("-q", "tag", catalog, "--model", tmp_path / "model", "--out", out, "--workers", "0").exit_code == 0
+    again = pd.read_parquet(out).set_index("path")
+    assert (again.loc[marked, "status"] == "out_of_scope").all()
+    garments = [p for p, t in truth.items() if t != OTHER]
+    assert (again.loc[garments, "status"] == "ok").mean() >= 0.85
+    # the bundled model caught few of the chessboards; the new one catches them
+    chess = [p for p in truth if "chess" in p]
+    before = pd.read_parquet(tags).set_index("path")
+    assert (before.loc[chess, "status"] == "out_of_scope").mean() <= 0.5
+    assert (again.loc[chess, "status"] == "out_of_scope").mean() >= 0.9
+
+
+def test_too_few_photos_marked_other_fall_back_to_a_small_in_scope_share(run_cli, mixed_catalog, mixed_review,
+                                                                          tmp_path) -> None:
+    card, said = _fill_and_learn(run_cli, mixed_review, mixed_catalog[1], tmp_path, keep_other=3)
+    chosen = card["out_of_scope"]["chosen"]
+    assert chosen["other"] == 3 and chosen["source"] == "reviewed in-scope photos only (fallback)"
+    assert card["out_of_scope"]["flag_share"] == chosen["fallback_flag_share"] == 0.02
+    assert "fallback" in chosen["rule"] and "fallback" in said
+    assert chosen["in_scope_flagged"]["share"] <= 0.05
