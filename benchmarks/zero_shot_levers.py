@@ -3,8 +3,9 @@
     python benchmarks/zero_shot_levers.py ../shared/realphoto-dev ../shared/realphoto-dev2 \
         [--levers v1,default,...] [--model PATH] [--grid OUT.png] [--json]
 
-The photos are decoded exactly as ``decode.py`` decodes them for ``tag`` (JPEG draft mode
-at 4x the input size, grayscale for a 1-channel model, EXIF rotation) and converted by
+The photos are decoded as ``decode.py`` decodes them for ``tag`` (JPEG draft mode at 4x
+the input size, YCbCr for a 1-channel model, whose Y plane is the grey decode of the lever
+sets without the colour cutout, bit for bit; EXIF rotation) and converted by
 ``preprocess.convert`` with the named lever set (``preprocess.LEVER_SETS``), so each
 lever can be measured on its own without editing the product. Reports top-1 and recall
 per class for each style: ``dev`` (catalog thumbnails), ``studio`` and ``home``
