@@ -129,9 +129,20 @@ def _probe(img: Image.Image, size: int) -> tuple[np.ndarray, int]:
 def _background(a: np.ndarray) -> tuple[np.ndarray, float]:
     """Median border colour and a robust spread (1.4826 MAD, largest channel) of the border."""
     border = _border(a)
-    background = np.median(border, axis=0)
-    spread = 1.4826 * float(np.median(np.abs(border - background), axis=0).max())
+    background = _median(border)
+    spread = 1.4826 * float(_median(np.abs(border - background)).max())
     return background, spread
+
+
+def _median(values: np.ndarray) -> np.ndarray:
+    """Per-column median of (K, C) float32 values, equal to ``np.median(values, axis=0)``
+    bit for bit, without its generic machinery: on a thumbnail, two ``np.median`` calls
+    were a fifth of the conversion's time."""
+    ordered = np.sort(values, axis=0)
+    half = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[half]
+    return (ordered[half - 1] + ordered[half]) / np.float32(2)
 
 
 def _filter(mask: np.ndarray, f: ImageFilter.Filter) -> np.ndarray:

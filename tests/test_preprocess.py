@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from catalog_tagger import preprocess
 from catalog_tagger.decode import decode_file
 from catalog_tagger.model import ModelConfig
 from catalog_tagger.preprocess import image_to_tensor, to_8bit, to_model_array
@@ -415,3 +416,13 @@ def test_one_item_is_not_split_as_a_pair(draw):
 
     photo = draw()
     assert (convert(photo, CONFIG, LEVER_SETS["default+pair"]) == convert(photo, CONFIG, DEFAULT)).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 276, 277])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_border_median_is_numpys_bit_for_bit(rows, channels):
+    rng = np.random.default_rng(rows * channels)
+    # Whole grey levels (as decoded pixels are, with ties) and arbitrary floats.
+    for values in (rng.integers(0, 256, (rows, channels)).astype(np.float32),
+                   rng.normal(128, 60, (rows, channels)).astype(np.float32)):
+        assert np.array_equal(preprocess._median(values), np.median(values, axis=0))
