@@ -585,3 +585,28 @@ def test_too_few_photos_marked_other_fall_back_to_a_small_in_scope_share(run_cli
     assert card["out_of_scope"]["flag_share"] == chosen["fallback_flag_share"] == 0.02
     assert "fallback" in chosen["rule"] and "fallback" in said
     assert chosen["in_scope_flagged"]["share"] <= 0.05
+
+
+@pytest.mark.parametrize("n_other, share", [(0, 0.02), (9, 0.02), (10, 0.10), (40, 0.10)])
+def test_reject_threshold_flags_at_most_its_share_of_in_scope_photos(n_other: int, share: float) -> None:
+    from catalog_tagger.reject import ReviewedScores, tune_detector
+
+    rng = np.random.default_rng(0)
+    n_in = 137  # 10% is 13.7 photos: an interpolated quantile would flag 14
+    in_logits = rng.normal(0, 1, (n_in, 10)) + 6 * np.eye(10)[rng.integers(0, 10, n_in)]
+    other_logits = rng.normal(0, 1, (n_other, 10))  # flat: high energy
+    images = np.full((n_in + n_other, 1, 28, 28), 0, np.uint8)
+    images[:, :, 4:24, 8:20] = 160  # a plain garment-sized blob: no bound flags it
+    entry = tune_detector(ReviewedScores(in_logits, images[:n_in], np.arange(n_in) < 30, other_logits,
+                                         images[n_in:], np.arange(n_other) < 3),
+                          None, max_in_scope_flagged=0.10, min_other=10, fallback_flag_share=0.02)
+    chosen = entry["chosen"]
+    assert entry["flag_share"] == share and chosen["other"] == n_other
+    assert (chosen["source"] == "reviewed photos") == (n_other >= 10)
+    flagged = chosen["in_scope_flagged"]
+    assert flagged["share"] <= share and int(round(flagged["share"] * n_in)) == int(share * n_in)
+    assert flagged["share"] <= flagged["upper_bound"] <= 1
+    if n_other:
+        caught = chosen["other_caught"]  # flat logits are far above every peaked one
+        assert caught["share"] >= 0.9 and caught["lower_bound"] <= caught["share"]
+    assert chosen["random_slice"]["in_scope_flagged"]["n"] == 30
