@@ -5,7 +5,9 @@ almost as much as computing them: a separate GELU reads and writes every activat
 more. oneDNN (PyTorch's CPU convolution library) can apply the GELU while the convolution's
 output is still in cache (a "post-op"); that is what ``torch.compile`` fuses on CPU, without
 its 20 s of compilation per process or a C++ compiler on every machine that tags. Measured
-1.1-1.3x on the network with flip TTA, labels identical, logits within 5e-6 (docs/performance.md).
+on the network with flip TTA: 1.04-1.06x on an idle core, 1.2-1.4x while the other core is
+busy (less memory traffic), 1.05x on a whole `tag` run of thumbnails; labels identical,
+logits within 5e-6 (docs/performance.md).
 
 The fused op is PyTorch's own (``torch.ops.mkldnn._convolution_pointwise``, the kernel that
 ``torch.compile`` calls), but it is not a public API: a build or version without it, or one

@@ -130,7 +130,7 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     prepared = fold_batchnorm(model).to(device).to(memory_format=torch.channels_last)
-    # On CPU each convolution and its GELU run as one oneDNN call (cpu_fusion.py: 1.1-1.3x, labels unchanged).
+    # On CPU each convolution and its GELU run as one oneDNN call (cpu_fusion.py; same labels).
     return fuse_conv_gelu(prepared) if device.type == "cpu" else prepared
 
 
