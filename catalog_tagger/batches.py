@@ -21,6 +21,7 @@ from .checkpoint import sha256_file
 from .config import TagConfig
 from .decode import decode_file
 from .model import ModelConfig
+from .out_of_scope import Detector
 from .runtime import predict_features_and_logits, predict_logits
 from .sources import Record
 
@@ -67,16 +68,17 @@ class Batch:
     that have one (``has_array``), stacked in the same order.
 
     Once the model has run on the stack (``Collate`` with a model), ``logits`` holds its
-    output and ``images`` is dropped: the pixels need not travel back from the worker. For
-    a model with an out-of-scope detector the images stay (it reads their ink) and
-    ``features`` holds what the head read.
+    output, ``out_of_scope`` the detector's verdict where the model has one, and ``images``
+    is dropped: the pixels need not travel back from the worker.
     """
 
     items: list[ItemInfo]
     has_array: list[bool]
     images: torch.Tensor | None = None  # uint8 (n, C, S, S), n = sum(has_array); None when n = 0
     logits: torch.Tensor | None = None  # (n, classes), when the model already ran
-    features: torch.Tensor | None = None  # (n, D), when the model already ran for a detector
+    # Per image with an array: None when in scope, else why not (``Detector.reasons``), when
+    # the model already ran and has a detector.
+    out_of_scope: list[str | None] | None = None
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True): page-locked images copy to a GPU faster."""
@@ -125,18 +127,19 @@ class DecodeDataset(Dataset):
 
 class Collate:
     """Turns a list of decoded items into one ``Batch``: the stacked arrays of the good
-    images, everyone's facts and, when given a CPU ``model``, its logits for the stack.
+    images, everyone's facts and, when given a CPU ``model``, its logits for the stack
+    and the out-of-scope ``detector``'s verdict.
 
     DataLoader calls this in the worker that decoded the items. On CPU that puts the whole
-    chain decode -> preprocess -> model in each worker, one core each, instead of a model
-    process competing with the decoders for the same cores; a GPU model stays in the main
-    process (CUDA cannot be used from forked workers).
+    chain decode -> preprocess -> model -> detector in each worker, one core each, instead
+    of a model process competing with the decoders for the same cores, and leaves the main
+    process only the rows to build; a GPU model stays in the main process (CUDA cannot be
+    used from forked workers).
     """
 
-    def __init__(self, model: nn.Module | None = None, out_of_scope: bool = False) -> None:
+    def __init__(self, model: nn.Module | None = None, detector: Detector | None = None) -> None:
         self.model = model
-        # The detector needs the pooled features and the images besides the logits.
-        self.out_of_scope = out_of_scope
+        self.detector = detector
 
     def __call__(self, items: Sequence[DecodedItem]) -> Batch:
         # Only real arrays count: a batch that crossed a process boundary as a column may
@@ -147,7 +150,14 @@ class Collate:
         batch = Batch([item.info for item in items], [a is not None for a in arrays], images)
         if images is None or self.model is None:
             return batch
-        if self.out_of_scope:
-            features, logits = predict_features_and_logits(self.model, images, torch.device("cpu"))
-            return replace(batch, logits=logits, features=features)
-        return replace(batch, images=None, logits=predict_logits(self.model, images, torch.device("cpu")))
+        logits, verdicts = model_outputs(self.model, self.detector, images, torch.device("cpu"))
+        return replace(batch, images=None, logits=logits, out_of_scope=verdicts)
+
+
+def model_outputs(model: nn.Module, detector: Detector | None, images: torch.Tensor, device: torch.device
+                  ) -> tuple[torch.Tensor, list[str | None] | None]:
+    """Logits (float32, on CPU) for a uint8 stack and, with a ``detector``, its verdict per image."""
+    if detector is None:
+        return predict_logits(model, images, device), None
+    features, logits = predict_features_and_logits(model, images, device)
+    return logits, detector.reasons(features.numpy(), logits.numpy(), images.numpy())

@@ -1,13 +1,15 @@
 """The tagging core: one shard of records -> one table of output rows.
 
 Decoding runs in DataLoader worker processes (one file at a time, every failure turned
-into a status, see ``batches``); the model runs on whole batches, in those workers on CPU
-and in the main process on a GPU (see ``batches.Collate``). Nothing here knows of resume,
-locks or output files, so a distributed engine can call it on its own shards.
+into a status, see ``batches``); the model and its out-of-scope detector run on whole
+batches, in those workers on CPU and in the main process on a GPU (see ``batches.Collate``).
+Nothing here knows of resume, locks or output files, so a distributed engine can call it
+on its own shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,12 +20,12 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from .batches import Batch, Collate, DecodeDataset, DecodeSettings, ItemInfo
+from .batches import Batch, Collate, DecodeDataset, DecodeSettings, ItemInfo, model_outputs
 from .batches import file_sha256 as file_sha256  # re-exported: incremental.py compares hashes with it
 from .checkpoint import LoadedModel
 from .config import TagConfig
 from .runtime import default_workers as default_workers  # re-exported for older imports (review, learn)
-from .runtime import predict_features_and_logits, predict_logits, prepare_model
+from .runtime import prepare_model, torch_threads
 from .schema import OUT_OF_SCOPE, rows_to_table
 from .sources import Record
 
@@ -87,32 +89,27 @@ class Tagger:
 
     def collate(self, on_cpu: bool) -> Collate:
         """How a DataLoader worker should batch decoded items: with the model run there on CPU."""
-        return Collate(self.model if on_cpu else None, out_of_scope=self.detector is not None)
+        return Collate(self.model, self.detector) if on_cpu else Collate()
 
     def logits(self, batch: Batch) -> torch.Tensor | None:
         """The model's logits for the batch's images: computed already by ``Collate`` on
         CPU, computed here otherwise (None for a batch without images)."""
         return self._outputs(batch)[0]
 
-    def _outputs(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits and, for a model with a detector, pooled features of the batch's images."""
+    def _outputs(self, batch: Batch) -> tuple[torch.Tensor | None, list[str | None] | None]:
+        """Logits and, for a model with a detector, its verdict per image of the batch."""
         if batch.logits is not None or batch.images is None:
-            return batch.logits, batch.features
-        if self.detector is not None:
-            features, logits = predict_features_and_logits(self.model, batch.images, self.device)
-            return logits, features
-        return predict_logits(self.model, batch.images, self.device), None
+            return batch.logits, batch.out_of_scope
+        return model_outputs(self.model, self.detector, batch.images, self.device)
 
     def _model_rows(self, batch: Batch) -> list[dict[str, Any]]:
         """The model's part of the row of each image in the batch: a label, or out of scope."""
-        logits, features = self._outputs(batch)
+        logits, verdicts = self._outputs(batch)
         if logits is None:
             return []
         probs = torch.softmax(logits / self.loaded.temperature, dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
-        reasons: list[str | None] = [None] * len(logits)
-        if self.detector is not None and batch.images is not None and features is not None:
-            reasons = self.detector.reasons(features.numpy(), logits.numpy(), batch.images.numpy())
+        reasons = verdicts if verdicts is not None else [None] * len(logits)
         rows = []
         for s, i, reason in zip(scores.tolist(), ids.tolist(), reasons):
             row = {"topk_labels": [self.classes[j] for j in i], "topk_scores": s}
@@ -142,11 +139,12 @@ class Tagger:
                 # Workers get a fresh interpreter state cheaply by fork where available.
                 multiprocessing_context="fork" if workers and "fork" in _start_methods() else None,
             )
-            for batch in loader:
-                for item, row in zip(batch.items, self.rows_for([records[i.index] for i in batch.items], batch)):
-                    rows[item.index] = row
-                if on_batch is not None:
-                    on_batch(len(batch.items))
+            with torch_threads(1) if on_cpu and workers else contextlib.nullcontext():
+                for batch in loader:
+                    for item, row in zip(batch.items, self.rows_for([records[i.index] for i in batch.items], batch)):
+                        rows[item.index] = row
+                    if on_batch is not None:
+                        on_batch(len(batch.items))
         return rows_to_table(rows, schema)  # type: ignore[arg-type]
 
     def rows_for(self, records: Sequence[Record], batch: Batch) -> list[dict[str, Any]]:
