@@ -290,6 +290,7 @@ def summary(results: list[dict]) -> str:
 def reject_table(results: list[dict]) -> str:
     """Issue 18's two sides on the photos not reviewed, mean (min-max) over seeds."""
     rows = [r for r in results if "n_other" in r]
+    rows = [r for i, r in enumerate(rows) if r["budget"] or r not in rows[:i]]  # one bundled row per catalog
     if not rows:
         return ""
     keys = ("other_caught", "other_caught_or_review", "in_scope_flagged", "in_scope_flagged_or_review", "accuracy",
