@@ -104,10 +104,12 @@ def read_tags(path: Path) -> tuple[pd.DataFrame, tuple[str, ...] | None]:
     frame["flagged"] = frame["status"].astype(str) == "out_of_scope"
     frame["confidence"] = pd.to_numeric(frame["confidence"], errors="coerce").fillna(0.0)
     frame["topk"] = [_topk(row) for row in frame.to_dict("records")]
-    # A flagged row has no label; the person sees that, with the nearest class as a hint.
-    nearest = [f"out of scope (nearest: {t[0][0]})" if t else "out of scope" for t in frame["topk"]]
+    # A flagged row has no label; the person sees that, with the nearest class as a hint
+    # (Parquet keeps it in topk_labels; a CSV row's label_2... start at the second nearest).
+    hint = "topk_labels" in frame.columns
+    nearest = [f"out of scope (nearest: {t[0][0]})" if t and hint else "out of scope" for t in frame["topk"]]
     frame["label"] = np.where(frame["flagged"], nearest, frame["label"].astype(str))
-    frame["confidence"] = np.where(frame["flagged"], [t[0][1] if t else 0.0 for t in frame["topk"]],
+    frame["confidence"] = np.where(frame["flagged"], [t[0][1] if t and hint else 0.0 for t in frame["topk"]],
                                    frame["confidence"])
     return frame.reset_index(drop=True), classes
 

@@ -610,3 +610,16 @@ def test_reject_threshold_flags_at_most_its_share_of_in_scope_photos(n_other: in
         caught = chosen["other_caught"]  # flat logits are far above every peaked one
         assert caught["share"] >= 0.9 and caught["lower_bound"] <= caught["share"]
     assert chosen["random_slice"]["in_scope_flagged"]["n"] == 30
+
+
+def test_review_reads_flagged_rows_of_a_csv_tag_output_and_leaves_failed_ones_out(tmp_path: Path) -> None:
+    from catalog_tagger.review import read_tags
+
+    tags = tmp_path / "tags.csv"
+    tags.write_text("image_id,path,status,label,confidence,label_2,score_2\n"
+                    "a.jpg,/x/a.jpg,ok,Coat,0.9,Shirt,0.05\n"
+                    "b.jpg,/x/b.jpg,out_of_scope,,,Bag,0.2\n"  # CSV: top-1 of a flagged row is not kept
+                    "c.jpg,/x/c.jpg,unreadable,,,,\n")
+    frame, _ = read_tags(tags)
+    assert list(frame["image_id"]) == ["a.jpg", "b.jpg"] and list(frame["flagged"]) == [False, True]
+    assert list(frame["label"]) == ["Coat", "out of scope"]  # no "nearest": label_2 is the second nearest
