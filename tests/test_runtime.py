@@ -117,3 +117,20 @@ def test_the_bundled_model_folds_completely_and_keeps_its_outputs():
     with torch.inference_mode():
         expected = model(batch.float().div(255))
     torch.testing.assert_close(predict_logits(prepared, batch, CPU), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_openmp_threads_sleep_unless_the_user_chose(given, expected):
+    """Spinning OpenMP threads steal the cores the decoders and other jobs need (5x slower
+    inference on a busy machine); the policy must be in place before torch loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    # What the command line imports first (it loads torch later, inside the commands).
+    code = "import catalog_tagger.cli, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [expected, "False"]
