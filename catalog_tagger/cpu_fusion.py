@@ -27,7 +27,8 @@ _TOLERANCE = 1e-4
 
 
 class _Conv(nn.Module):
-    """A 3x3 convolution (stride 1, padding 1) with an optional GELU as a oneDNN post-op."""
+    """A convolution (its own kernel, stride, padding, dilation and groups) with an optional
+    GELU as a oneDNN post-op."""
 
     def __init__(self, conv: nn.Conv2d, gelu: bool) -> None:
         super().__init__()
