@@ -228,8 +228,13 @@ def _below_the_neck(mask: np.ndarray) -> np.ndarray:
 
 
 def _bbox(mask: np.ndarray, k: int, full: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    box = Image.fromarray(mask.astype(np.uint8) * 255, "L").getbbox()
-    if box is None or k == 1:
+    """The box (left, top, right, bottom) around the mask's pixels, scaled by ``k`` to the
+    full image; None for an empty mask (Pillow's ``getbbox`` convention)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    if k == 1:
         return box
     left, top, right, bottom = box
     return (left * k, top * k, min(full[0], right * k), min(full[1], bottom * k))
@@ -275,12 +280,14 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
     else:
         out = (a - bg) * (255.0 / np.maximum(255.0 - bg, 1.0))
     if light and bbox is not None and (levers.blank_outside_mask or levers.brightness != "none"):
-        crop = Image.fromarray(mask[bbox[1] // k : -(-bbox[3] // k), bbox[0] // k : -(-bbox[2] // k)]
-                               .astype(np.uint8) * 255, "L")
+        box_mask = mask[bbox[1] // k : -(-bbox[3] // k), bbox[0] // k : -(-bbox[2] // k)]
+        crop = Image.fromarray(box_mask.astype(np.uint8) * 255, "L")
         if levers.blank_outside_mask:
             soft = np.asarray(crop.resize((a.shape[1], a.shape[0]), Image.Resampling.BILINEAR))
             soft = soft.astype(np.float32)[..., None] / 255.0
             inside = soft > 0.5
+        elif box_mask.shape == a.shape[:2]:  # the probe is the photo (thumbnails): no resize
+            inside = box_mask[..., None]
         else:
             inside = (np.asarray(crop.resize((a.shape[1], a.shape[0]), Image.Resampling.NEAREST)) > 127)[..., None]
         out = np.maximum(out, 0.0)

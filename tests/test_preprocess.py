@@ -426,3 +426,11 @@ def test_the_border_median_is_numpys_bit_for_bit(rows, channels):
     for values in (rng.integers(0, 256, (rows, channels)).astype(np.float32),
                    rng.normal(128, 60, (rows, channels)).astype(np.float32)):
         assert np.array_equal(preprocess._median(values), np.median(values, axis=0))
+
+
+def test_the_mask_box_is_pillows_getbbox():
+    rng = np.random.default_rng(0)
+    for shape, density in [((80, 60), 0.02), ((5, 7), 0.3), ((40, 40), 0.0), ((1, 1), 1.0)]:
+        mask = rng.random(shape) < density
+        expected = Image.fromarray(mask.astype(np.uint8) * 255, "L").getbbox()
+        assert preprocess._bbox(mask, 1, shape[::-1]) == expected
