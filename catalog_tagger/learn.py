@@ -40,7 +40,7 @@ from .checkpoint import LoadedModel, load_model, output_folder, save_model
 from .config import LearnConfig, TrainConfig
 from .data.labeled import class_key, decode_paths
 from .errors import DataError, OutputError
-from .metrics import clopper_pearson_lower
+from .metrics import CONFIDENCE_LEVEL, clopper_pearson_lower
 from .model import FASHION_MNIST_CLASSES, GarmentNet, build_model
 from .reject import ReviewedScores, tune_detector
 from .review import OTHER, WHY_RANDOM
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 # Fewer labels than this cannot be split into folds that each teach and test something.
 MIN_LABELS = 10
-CONFIDENCE_LEVEL = 0.90
 
 
 @dataclass
@@ -193,8 +192,8 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     eval_batch = 1024
     oof_all = np.zeros((len(inside), len(init.classes)), np.float32)
     for f in range(k):
-        log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int(((fold != f) & inside).sum()))
         train, held = (fold != f) & inside, fold == f
+        log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int(train.sum()))
         model = fine_tune(init, reviewed.images[train], reviewed.labels[train], config, device, config.seed + f,
                           outliers=reviewed.images[(fold != f) & ~inside])
         oof_all[held] = predict_logits_array(model, reviewed.images[held], device, eval_batch)

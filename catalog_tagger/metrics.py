@@ -48,7 +48,11 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
     }
 
 
-def clopper_pearson_lower(successes: int, n: int, level: float = 0.90) -> float:
+# The confidence level of every binomial bound the cards report (review table, out-of-scope rates).
+CONFIDENCE_LEVEL = 0.90
+
+
+def clopper_pearson_lower(successes: int, n: int, level: float = CONFIDENCE_LEVEL) -> float:
     """One-sided lower confidence bound for a binomial proportion (exact, Clopper-Pearson):
     the p at which seeing ``successes`` or more out of ``n`` has probability 1 - level."""
     if n <= 0 or successes <= 0:
@@ -91,6 +95,6 @@ def _betainc(a: float, b: float, x: float) -> float:
     return math.exp(log_front) * h / a
 
 
-def clopper_pearson_upper(successes: int, n: int, level: float = 0.90) -> float:
+def clopper_pearson_upper(successes: int, n: int, level: float = CONFIDENCE_LEVEL) -> float:
     """One-sided upper confidence bound for a binomial proportion (exact, Clopper-Pearson)."""
     return 1.0 if n <= 0 else round(1.0 - clopper_pearson_lower(n - successes, n, level), 6)

@@ -25,10 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import clopper_pearson_lower, clopper_pearson_upper
+from .metrics import CONFIDENCE_LEVEL, clopper_pearson_lower, clopper_pearson_upper
 from .out_of_scope import Detector, energy
-
-CONFIDENCE_LEVEL = 0.90
 
 
 @dataclass(frozen=True)

@@ -91,11 +91,6 @@ class Tagger:
         """How a DataLoader worker should batch decoded items: with the model run there on CPU."""
         return Collate(self.model, self.detector) if on_cpu else Collate()
 
-    def logits(self, batch: Batch) -> torch.Tensor | None:
-        """The model's logits for the batch's images: computed already by ``Collate`` on
-        CPU, computed here otherwise (None for a batch without images)."""
-        return self._outputs(batch)[0]
-
     def _outputs(self, batch: Batch) -> tuple[torch.Tensor | None, list[str | None] | None]:
         """Logits and, for a model with a detector, its verdict per image of the batch."""
         if batch.logits is not None or batch.images is None:
