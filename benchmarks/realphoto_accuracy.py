@@ -9,7 +9,7 @@ same model loading), then compared with the labels. Nothing is copied out of the
 
 ``--preprocessing naive`` (grayscale resize to 28x28) and ``negate`` (the same, negated)
 replace the Fashion-MNIST conversion, to measure what the conversion is worth.
-``--levers`` runs the conversion with one of ``preprocess.LEVER_SETS`` (``v1`` is the
+``--levers`` runs the conversion with one of ``levers.LEVER_SETS`` (``v1`` is the
 conversion before issue 19); per-style figures are in benchmarks/zero_shot_levers.py.
 ``--target-precision`` reports the precision of the rows `tag --target-precision` would
 auto-accept on these photos, and the share it would send to review.
@@ -46,8 +46,9 @@ def measure(folder: Path, model: Path | None = None, target_precision: float | N
             preprocessing: str = "conversion", levers: str | None = None) -> dict:
     if levers is not None:
         from catalog_tagger import preprocess
+        from catalog_tagger.levers import LEVER_SETS
 
-        preprocess.DEFAULT = preprocess.LEVER_SETS[levers]
+        preprocess.DEFAULT = LEVER_SETS[levers]
     if preprocessing != "conversion":
         from catalog_tagger import decode
 
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--target-precision", type=float)
     parser.add_argument("--preprocessing", choices=["conversion", "naive", "negate"], default="conversion")
-    parser.add_argument("--levers", help="a preprocess.LEVER_SETS name, e.g. v1 (before issue 19)")
+    parser.add_argument("--levers", help="a levers.LEVER_SETS name, e.g. v1 (before issue 19)")
     args = parser.parse_args()
     report = measure(args.folder, args.model, args.target_precision, args.preprocessing, args.levers)
     if args.json:

@@ -6,7 +6,7 @@
 The photos are decoded as ``decode.py`` decodes them for ``tag`` (JPEG draft mode at 4x
 the input size, YCbCr for a 1-channel model, whose Y plane is the grey decode of the lever
 sets without the colour cutout, bit for bit; EXIF rotation) and converted by
-``preprocess.convert`` with the named lever set (``preprocess.LEVER_SETS``), so each
+``preprocess.convert`` with the named lever set (``levers.LEVER_SETS``), so each
 lever can be measured on its own without editing the product. Reports top-1 and recall
 per class for each style: ``dev`` (catalog thumbnails), ``studio`` and ``home``
 (realphoto-dev2's ``style`` column). It also converts the 10,000 Fashion-MNIST test
@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 
 from catalog_tagger import preprocess
 from catalog_tagger.checkpoint import load_model
+from catalog_tagger.levers import LEVER_SETS, Levers
 from catalog_tagger.model import FASHION_MNIST_CLASSES, ModelConfig
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -42,7 +43,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # Decoded once for every lever set: YCbCr's Y plane is bit for bit the grey decode, so the
 # grey lever sets see what ``tag`` gives them and the colour cutout its colours.
-COLOUR = preprocess.Levers(clutter="grabcut-fast", colour_cutout=True)
+COLOUR = Levers(clutter="grabcut-fast", colour_cutout=True)
 
 
 def decode_like_tag(path: Path, config: ModelConfig) -> Image.Image:
@@ -83,7 +84,7 @@ def predict(model: torch.nn.Module, arrays: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def convert_all(images, config: ModelConfig, levers: preprocess.Levers) -> tuple[np.ndarray, float]:
+def convert_all(images, config: ModelConfig, levers: Levers) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     arrays = np.stack([preprocess.convert(img, config, levers) for img in images])
     return arrays, (time.perf_counter() - start) / max(1, len(images))
@@ -119,7 +120,7 @@ def save_grid(photos: pd.DataFrame, lever_names: list[str], config: ModelConfig,
         photo.thumbnail((cell, cell))
         grid.paste(photo, (x0, y0))
         for k, name in enumerate(lever_names):
-            arr = preprocess.convert(photos.at[i, "image"], config, preprocess.LEVER_SETS[name])[0]
+            arr = preprocess.convert(photos.at[i, "image"], config, LEVER_SETS[name])[0]
             grid.paste(Image.fromarray(arr).resize((cell - 4, cell - 4), Image.Resampling.NEAREST),
                        (x0 + cell * (k + 1), y0))
     grid.save(path)
@@ -138,7 +139,7 @@ def speed(folder: Path, names: list[str], runs: int) -> dict[str, list[float]]:
     try:
         for _ in range(runs):
             for name in names:
-                preprocess.DEFAULT = preprocess.LEVER_SETS[name]
+                preprocess.DEFAULT = LEVER_SETS[name]
                 with tempfile.TemporaryDirectory() as tmp:
                     start = time.perf_counter()
                     summary = run_tagging(TagConfig(source=folder, out=Path(tmp) / "t.parquet"), progress=False)
@@ -156,7 +157,7 @@ def speed(folder: Path, names: list[str], runs: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", type=Path, nargs="*")
-    parser.add_argument("--levers", default=",".join(preprocess.LEVER_SETS))
+    parser.add_argument("--levers", default=",".join(LEVER_SETS))
     parser.add_argument("--model", type=Path)
     parser.add_argument("--grid", type=Path)
     parser.add_argument("--no-fmnist", action="store_true")
@@ -178,7 +179,7 @@ def main() -> None:
     fm_images, fm_labels = (None, None) if args.no_fmnist else fashion_mnist_test()
     results = {}
     for name in names:
-        levers = preprocess.LEVER_SETS[name]
+        levers = LEVER_SETS[name]
         arrays, seconds = convert_all(photos["image"], config, levers)
         res = {"styles": report(photos, predict(model, arrays)), "ms_per_photo": 1000 * seconds}
         if fm_images is not None:

@@ -23,12 +23,12 @@ accuracy matches ``evaluate``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from .cutout import CLUTTER_SPREAD, object_mask
+from .levers import DEFAULT, V1, Levers
 from .model import ModelConfig
 from .shoe_pairs import one_of_a_pair
 
@@ -95,24 +95,6 @@ def _border(arr: np.ndarray) -> np.ndarray:
     return np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]]).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class Levers:
-    """Switches for each step of the conversion, so a benchmark can measure each on its own
-    (benchmarks/zero_shot_levers.py). ``DEFAULT`` is what train and tag use."""
-
-    mask: str = "border"  # "border": colour difference only (v1); "contrast": + local contrast
-    fill_holes: bool | str = False  # True, or "faint": only where the item is mostly invisible
-    blank_outside_mask: bool = False  # pixels outside the object become background
-    brightness: str = "none"  # "none", "floor" (item pixels >= FLOOR), "stretch" (p95 -> 225), "stretch-floor"
-    head_crop: bool = False  # worn photos: cut the head above the shoulders out of the frame
-    clutter: str = "none"  # "none", "grabcut", "grabcut-fast" (OpenCV; only where the backdrop is not plain)
-    edge_threshold: float = 12.0
-    close_size: int = 3
-    pair: str = "none"  # "one": of two alike objects side by side keep the larger; "one-turned": + lay a tall one down
-    colour_cutout: bool = False  # GrabCut on the photo's colours (decoded as YCbCr) rather than on grey
-
-
-V1 = Levers()
 # Less than this share of a filled silhouette differs from the backdrop: a faint item.
 FAINT_SHARE = 0.5
 
@@ -317,50 +299,13 @@ def _turn(out: np.ndarray, levers: Levers) -> np.ndarray:
     return out
 
 
-# A plain backdrop (studio, catalog) has a border spread of 0-5 grey levels; floors, beds
-# and carpets 15-45 (10th-90th percentiles on the team's real home photos, docs/zero-shot-accuracy.md).
-CLUTTER_SPREAD = 8.0
-
-
-def _grabcut(probe: np.ndarray, iterations: int = 4) -> np.ndarray | None:
-    """Object mask by GrabCut, started from "the object is inside a 6% inset"."""
-    import cv2  # a dependency; imported here because only cluttered photos need it
-
-    h, w = probe.shape[:2]
-    rgb = np.ascontiguousarray(np.repeat(probe, 3, axis=2) if probe.shape[2] == 1 else probe).astype(np.uint8)
-    mask = np.zeros((h, w), np.uint8)
-    rect = (max(1, round(0.06 * w)), max(1, round(0.06 * h)), max(2, round(0.88 * w)), max(2, round(0.88 * h)))
-    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    # GrabCut starts its colour models with k-means from OpenCV's global random state: left
-    # alone, a photo's cutout would depend on which photos the process converted before.
-    cv2.setRNGSeed(0)
-    try:
-        cv2.grabCut(rgb, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
-    except cv2.error:
-        return None
-    return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
-
-
 def _cutout(colour: Image.Image | None, probe: np.ndarray, k: int, config: ModelConfig,
             levers: Levers) -> np.ndarray | None:
     """Cluttered backdrop: segment the object (on ``colour`` where given, else on the grey
     probe), black out the rest, and make the object light on black whichever is brighter
     (a dark shirt on a pale floor is negated, a pale one on a dark carpet is not)."""
-    source = probe
-    if colour is not None:
-        small_colour = (colour.reduce(k) if k > 1 else colour).convert("RGB")
-        source = np.asarray(small_colour).astype(np.float32)
-    if levers.clutter == "grabcut-fast":
-        # GrabCut at about two pixels per output pixel, 2 iterations: about 4x cheaper.
-        small = Image.fromarray(np.clip(source[..., 0] if source.shape[2] == 1 else source, 0, 255).astype(np.uint8))
-        small = small.reduce(2) if max(small.size) >= 4 * config.input_size else small
-        mask = _grabcut(np.asarray(small).reshape(small.size[1], small.size[0], -1).astype(np.float32), 2)
-        if mask is not None and mask.shape != probe.shape[:2]:
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
-                (probe.shape[1], probe.shape[0]), Image.Resampling.NEAREST)) > 127
-    else:
-        mask = _grabcut(source)
-    if mask is None or mask.sum() < 0.02 * mask.size or mask.all():
+    mask = object_mask(colour, probe, k, config.input_size, fast=levers.clutter == "grabcut-fast")
+    if mask is None:
         return None
     if levers.fill_holes is True:
         mask = _fill_holes(mask)
@@ -429,42 +374,6 @@ def _fit(out: np.ndarray, size: int) -> np.ndarray:
     canvas.paste(small, ((size - new_w + 1) // 2, (size - new_h + 1) // 2))
     result = np.asarray(canvas)
     return result[None] if result.ndim == 2 else result.transpose(2, 0, 1)
-
-
-# Measured lever by lever in docs/zero-shot-accuracy.md.
-DEFAULT = Levers(fill_holes="faint", brightness="floor", head_crop=True, clutter="grabcut-fast", colour_cutout=True)
-LEVER_SETS = {
-    "v1": V1,
-    "v2": replace(DEFAULT, colour_cutout=False),  # the default of 2026-11-30: the cutout on grey
-    "v1-stretch": Levers(brightness="stretch"),
-    "v1-stretch-floor": Levers(brightness="stretch-floor"),
-    "v1-floor": Levers(brightness="floor"),
-    "cf-floor": Levers(mask="contrast", fill_holes=True, brightness="floor"),
-    "cf-head-floor": Levers(mask="contrast", fill_holes=True, head_crop=True, brightness="floor"),
-    "fill": Levers(fill_holes=True),
-    "contrast-fill": Levers(mask="contrast", fill_holes=True),
-    "cf-stretch": Levers(mask="contrast", fill_holes=True, brightness="stretch"),
-    "cf-stretch-floor": Levers(mask="contrast", fill_holes=True, brightness="stretch-floor"),
-    "cf-blank": Levers(mask="contrast", fill_holes=True, blank_outside_mask=True),
-    "v1-head": Levers(head_crop=True),
-    "cf-head": Levers(mask="contrast", fill_holes=True, head_crop=True),
-    "floor-head": Levers(brightness="floor", head_crop=True),
-    "floor+grabcut": Levers(brightness="floor", clutter="grabcut"),
-    "floor-head+grabcut": Levers(brightness="floor", head_crop=True, clutter="grabcut"),
-    "floor+grabcut-fast": Levers(brightness="floor", clutter="grabcut-fast"),
-    "floor-fill": Levers(fill_holes=True, brightness="floor"),
-    "floor-fill+grabcut-fast": Levers(fill_holes=True, brightness="floor", clutter="grabcut-fast"),
-    "final": Levers(brightness="floor", head_crop=True, clutter="grabcut-fast"),
-    "final+fill": Levers(fill_holes=True, brightness="floor", head_crop=True, clutter="grabcut-fast"),
-    "default": DEFAULT,
-    "v1+grabcut": Levers(clutter="grabcut"),
-    "v1+grabcut-stretch": Levers(clutter="grabcut", brightness="stretch"),
-    "cf-stretch+grabcut": Levers(mask="contrast", fill_holes=True, brightness="stretch", clutter="grabcut"),
-    "v2-full": replace(DEFAULT, colour_cutout=False, clutter="grabcut"),
-    "default-full": replace(DEFAULT, clutter="grabcut"),
-    "default+pair": replace(DEFAULT, pair="one"),
-    "default+pair-turned": replace(DEFAULT, pair="one-turned"),
-}
 
 
 def draft_mode(config: ModelConfig, levers: Levers | None = None) -> str:

@@ -1,4 +1,4 @@
-"""One shoe out of a pair: a lever of the conversion (``preprocess.Levers.pair``), measured
+"""One shoe out of a pair: a lever of the conversion (``levers.Levers.pair``), measured
 in docs/zero-shot-accuracy.md and not in the default (the bundled model does not read a
 single shoe seen from above any better than the pair)."""
 

@@ -291,7 +291,8 @@ def test_fashion_mnist_like_images_convert_exactly_as_before_the_levers():
     # (Fashion-MNIST, or a photo already in its form) gets the v1 conversion bit for bit,
     # so the Fashion-MNIST accuracy of a model cannot move.
     from catalog_tagger.data.idx import read_idx
-    from catalog_tagger.preprocess import DEFAULT, V1, convert
+    from catalog_tagger.levers import DEFAULT, V1
+    from catalog_tagger.preprocess import convert
 
     rng = np.random.default_rng(5)
     noisy = _item().astype(int) + rng.integers(-30, 30, (28, 28)) * (_item() > 0)
@@ -363,7 +364,8 @@ def _columns(out: np.ndarray) -> int:
 
 @pytest.mark.parametrize("gap", [40, 10])
 def test_a_pair_of_shoes_converts_to_one_shoe(gap):
-    from catalog_tagger.preprocess import DEFAULT, LEVER_SETS, convert
+    from catalog_tagger.levers import DEFAULT, LEVER_SETS
+    from catalog_tagger.preprocess import convert
 
     photo = _pair_of_shoes(gap)
     assert _columns(convert(photo, CONFIG, DEFAULT)[0]) >= 20  # both shoes, side by side
@@ -412,7 +414,8 @@ def _bag() -> Image.Image:
 
 @pytest.mark.parametrize("draw", [_side_view_shoe, _trousers, _worn_figure, _bag])
 def test_one_item_is_not_split_as_a_pair(draw):
-    from catalog_tagger.preprocess import DEFAULT, LEVER_SETS, convert
+    from catalog_tagger.levers import DEFAULT, LEVER_SETS
+    from catalog_tagger.preprocess import convert
 
     photo = draw()
     assert (convert(photo, CONFIG, LEVER_SETS["default+pair"]) == convert(photo, CONFIG, DEFAULT)).all()
