@@ -4,6 +4,8 @@
 #
 #   CATALOG_DIR   folder or manifest to tag              (required)
 #   OUTPUT_DIR    where tags.parquet and logs live       (default: /var/lib/catalog-tagger)
+#   MODEL_DIR     tag with this model once it holds one (what weekly-learn.sh publishes);
+#                 the bundled model until then           (default: none)
 #   TAGGER        the catalog-tagger executable          (default: catalog-tagger on PATH)
 #   MAX_ERROR_RATE  alert (exit 7) above this failed share (default: 0.05)
 #   EXTRA_ARGS    more options for `catalog-tagger tag`  (e.g. "--id-col sku --model /models/v3")
@@ -31,6 +33,10 @@ args=(-q tag "$CATALOG_DIR" --out "$out" --resume-if-possible --max-error-rate "
 if [ -f "$out" ]; then
   cp "$out" "$OUTPUT_DIR/previous.parquet"
   args+=(--incremental "$OUTPUT_DIR/previous.parquet")
+fi
+# A newly published model changes the rows' model ident: --incremental then re-tags every photo.
+if [ -n "${MODEL_DIR:-}" ] && [ -f "$MODEL_DIR/model.json" ]; then
+  args+=(--model "$MODEL_DIR")
 fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
 args+=($EXTRA_ARGS)

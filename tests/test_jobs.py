@@ -31,3 +31,25 @@ def test_nightly_job_is_incremental_logs_and_passes_exit_codes_through(tmp_path)
     # 3 of 43 sample files are broken on purpose: above a 1% limit the job must alert.
     third = _nightly(tmp_path, MAX_ERROR_RATE="0.01")
     assert third.returncode == 7
+
+
+def test_nightly_job_tags_with_the_published_model_once_there_is_one(tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    published = tmp_path / "learned"
+    first = _nightly(tmp_path, MODEL_DIR=str(published), MAX_ERROR_RATE="0.1")  # none published: bundled
+    assert first.returncode == 0, first.stderr
+    rows = pd.read_parquet(tmp_path / "tags.parquet")
+    assert rows.loc[rows["status"] == "ok", "model"].str.startswith("fashion-garment-cnn@").all()
+    shutil.copytree(REPO / "catalog_tagger" / "models", published)
+    card = json.loads((published / "model.json").read_text())
+    card["name"] = "learned-week-1"
+    (published / "model.json").write_text(json.dumps(card))
+    second = _nightly(tmp_path, MODEL_DIR=str(published), MAX_ERROR_RATE="0.1")
+    assert second.returncode == 0, second.stderr
+    rows = pd.read_parquet(tmp_path / "tags.parquet")
+    assert rows.loc[rows["status"] == "ok", "model"].str.startswith("learned-week-1@").all()  # all re-tagged
+    summary = json.loads((tmp_path / "tags.parquet.summary.json").read_text())
+    assert summary["carried_over"] == 0
