@@ -12,9 +12,8 @@ For each budget N and each strategy, through the real CLI:
    defaults) or ``review --budget N --random-share 1`` (strategy ``random``: the baseline);
 3. fill ``correct_label`` from labels.csv as a person would (open the workbook with
    openpyxl, type into the cells, save);
-4. ``learn`` the filled workbook (default settings; with ``--unlabeled`` the first tag
-   output, as the README's loop does, unless ``--no-self-train``), and ``tag`` every photo
-   again with the new model, plain and with ``--target-precision`` 0.90 and 0.95.
+4. ``learn`` the filled workbook (default settings), and ``tag`` every photo again with
+   the new model, plain and with ``--target-precision`` 0.90 and 0.95.
 
 Reported on the photos *not* reviewed (out of sample): accuracy, and precision and
 coverage of the rows ``--target-precision`` auto-accepts. Writes ``results.json``,
@@ -127,8 +126,6 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the tables from the runs already in --out")
     parser.add_argument("--learn-args", default="", help="extra options for learn, e.g. '--epochs 20'")
-    parser.add_argument("--self-train", action=argparse.BooleanOptionalAction, default=True,
-                        help="learn with --unlabeled (the first tag output): self-training on the unreviewed photos")
     parser.add_argument("--from-results", type=Path, nargs="+",
                         help="only redraw the tables and the plot from these results.json files (merged)")
     args = parser.parse_args()
@@ -186,7 +183,6 @@ def main() -> None:
         elif not (work / "tags.parquet").exists():
             return {}
         row = {"catalog": name, "strategy": strategy, "budget": budget, "seed": seed, "learn_args": args.learn_args,
-               "self_train": args.self_train,
                **evaluate_run(work, truth)}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(row), flush=True)
@@ -216,8 +212,7 @@ def loop(args: argparse.Namespace, source: Path, base: Path, work: Path, truth: 
     work.mkdir()
     run("review", base, "--budget", budget, "--out", work / "review.xlsx", "--seed", seed, *extra)
     fill(work / "review.xlsx", truth)
-    unlabeled = ["--unlabeled", base] if args.self_train else []
-    run("learn", work / "review.xlsx", "--out", work / "model", "--seed", seed, *unlabeled, *args.learn_args.split())
+    run("learn", work / "review.xlsx", "--out", work / "model", "--seed", seed, *args.learn_args.split())
     run("tag", source, "--model", work / "model", "--out", work / "tags.parquet")
     for target in TARGETS if args.targets else ():
         try:

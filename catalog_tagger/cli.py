@@ -396,15 +396,6 @@ def _size(n: int) -> str:
               help="Reject threshold: flag at most this share of the reviewed in-scope photos (out of fold).")
 @click.option("--outlier-weight", type=FiniteFloatRange(0), default=default(LearnConfig, "outlier_weight"),
               show_default=True, help="Weight of the rows marked 'other' as outlier exposure in fine-tuning (0: off).")
-@click.option("--unlabeled", type=click.Path(path_type=Path), multiple=True, metavar="TAGS",
-              help="A tag output of the same catalog: its photos nobody reviewed are learned from too, labelled by "
-                   "the fine-tuned models where they agree with confidence (self-training). Repeatable.")
-@click.option("--pseudo-label-confidence", type=FiniteFloatRange(0, 1),
-              default=default(LearnConfig, "pseudo_label_confidence"), show_default=True,
-              help="Self-training: the teachers' confidence a photo needs to be learned from.")
-@click.option("--unlabeled-per-label", type=FiniteFloatRange(0), default=default(LearnConfig, "unlabeled_per_label"),
-              show_default=True, help="Self-training: at most this many unreviewed photos per reviewed one "
-                                      "(drawn at random; bounds the time on a large catalog).")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
 @device_option
 @click.option("--overwrite", is_flag=True, help="Replace the model in --out if there is one.")
@@ -412,7 +403,6 @@ def _size(n: int) -> str:
 @reports_errors
 def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path | None, folds: int, epochs: int,
           batch_size: int, lr: float, seed: int, max_in_scope_flagged: float, outlier_weight: float,
-          unlabeled: tuple[Path, ...], pseudo_label_confidence: float, unlabeled_per_label: float,
           workers: int | None, device: str, overwrite: bool) -> None:
     """Fine-tune on filled review workbooks or CSVs (path + correct_label) into a new model folder.
 
@@ -424,19 +414,12 @@ def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path 
 
     config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, batch_size=batch_size,
                          lr=lr, seed=seed, device=device, workers=workers, overwrite=overwrite,
-                         max_in_scope_flagged=max_in_scope_flagged, outlier_weight=outlier_weight,
-                         unlabeled=unlabeled, pseudo_label_confidence=pseudo_label_confidence,
-                         unlabeled_per_label=unlabeled_per_label)
+                         max_in_scope_flagged=max_in_scope_flagged, outlier_weight=outlier_weight)
     card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))
     m, t = card["metrics"], card["training"]
     click.echo(f"learned from {t['labels']} photos ({t['other']} other, {t['missing_photos']} missing, "
                f"{t['skipped_images']} undecodable) in {t['seconds']:.0f}s: cross-validated accuracy "
                f"{m['cv_accuracy']:.3f} (was {m['init_accuracy']:.3f}) -> {out}", err=True)
-    if t["self_training"]:
-        st = t["self_training"]
-        click.echo(f"self-training: {st['pseudo_labeled'][-1]} of {st['drawn']} unreviewed photos learned from "
-                   f"(confidence >= {st['pseudo_label_confidence']:g}; {st['candidates']} in the tag output)",
-                   err=True)
     chosen = card["out_of_scope"]["chosen"]
     caught = chosen["other_caught"]["share"]
     other = f" and catches {caught:.1%} of the {chosen['other']} marked other" if chosen["other"] else ""

@@ -192,11 +192,3 @@ class LearnConfig:
     # Outlier exposure: rows marked `other` push the softmax towards uniform while fine-tuning
     # (0: they are left out of training).
     outlier_weight: float = 0.5
-    # Self-training: `tag` outputs whose photos nobody reviewed. Each model is fine-tuned again
-    # on its labels plus the photos its teachers label with at least this confidence (0.5:
-    # realphoto-dev at 200 labels, 4 seeds, gained 1.6 points; 0.4-0.85 measured in
-    # docs/review-loop.md). Drawn at random, at most unlabeled_per_label per reviewed photo,
-    # which bounds learn's time on a large catalog.
-    unlabeled: tuple[Path, ...] = ()
-    pseudo_label_confidence: float = 0.5
-    unlabeled_per_label: float = 4.0

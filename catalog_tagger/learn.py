@@ -15,12 +15,6 @@ Rows marked ``other`` (none of the classes) are dealt into the folds too: out-of
 of both kinds set the reject threshold of the card's out-of-scope detector (reject.py), and
 while fine-tuning they are outlier exposure (``LearnConfig.outlier_weight``).
 
-With ``LearnConfig.unlabeled`` (tag outputs of the same catalog), each of those models is a
-teacher: the photos nobody reviewed that it labels confidently join the labels, and a
-student is fine-tuned from the starting model on both (self-training). Fold f's student
-learns from fold f's teacher only, which never saw fold f's labels, so the out-of-fold
-evidence stays out of fold; the final student learns from all teachers together.
-
 Fine-tuning is ``train --init``'s recipe (same ``train_one_epoch``, augmentation, SGD
 with warm-up and decay) on arrays decoded once by the tagging decoder.
 """
@@ -141,47 +135,6 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
     )
 
 
-@dataclass
-class UnlabeledPool:
-    """Catalog photos nobody reviewed, decoded, for self-training; what was left out counted."""
-
-    images: np.ndarray
-    candidates: int  # rows of the tag outputs that could be drawn (ok, not reviewed, distinct)
-    missing: int
-    undecodable: int
-
-
-def load_unlabeled(config: LearnConfig, loaded: LoadedModel, reviewed: ReviewedSet, progress: bool
-                   ) -> UnlabeledPool | None:
-    """The photos of ``config.unlabeled`` that nobody reviewed and that the tagging model
-    labeled (status ``ok``: a photo flagged out of scope would be taught as a garment), at
-    most ``unlabeled_per_label`` per reviewed photo, drawn at random (seeded)."""
-    from .review import read_tags
-
-    if not config.unlabeled:
-        return None
-    taken = {os.path.normpath(os.path.abspath(p)) for p in [*reviewed.paths, *reviewed.missing]}
-    taken |= {os.path.normpath(os.path.abspath(u["path"])) for u in reviewed.undecodable if "path" in u}
-    paths: dict[str, None] = {}
-    for file in config.unlabeled:
-        frame, _ = read_tags(Path(file))
-        for path in frame.loc[frame["status"].astype(str) == "ok", "path"].astype(str):
-            key = os.path.normpath(os.path.abspath(path))
-            if key not in taken:
-                paths[key] = None
-    candidates = list(paths)
-    limit = int(config.unlabeled_per_label * len(reviewed.paths))
-    if len(candidates) > limit:
-        pick = np.random.default_rng(config.seed).choice(len(candidates), size=limit, replace=False)
-        candidates = [candidates[i] for i in sorted(pick)]
-    present = [p for p in candidates if os.path.isfile(p)]
-    workers = default_workers() if config.workers is None else config.workers
-    images, ok, problems = decode_paths(present, loaded.config, min(workers, max(1, len(present) // 64)), progress)
-    log.info("self-training pool: %d of %d unreviewed photos", int(ok.sum()), len(paths))
-    return UnlabeledPool(images=images, candidates=len(paths), missing=len(candidates) - len(present),
-                         undecodable=len(problems))
-
-
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold number per example, each class dealt round-robin over the folds after a shuffle."""
     rng = np.random.default_rng(seed)
@@ -221,24 +174,6 @@ def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config:
     return model.eval()
 
 
-def pseudo_labels(teachers: list[np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Which pool photos to learn from and their class: the teachers' mean softmax (each
-    given as logits over the pool) at least ``threshold``."""
-    probs = np.mean([softmax(t, 1.0) for t in teachers], axis=0)
-    return probs.max(1) >= threshold, probs.argmax(1)
-
-
-def self_train(init: LoadedModel, images: np.ndarray, labels: np.ndarray, pool: UnlabeledPool,
-               teachers: list[np.ndarray], config: LearnConfig, device: torch.device, seed: int,
-               outliers: np.ndarray | None) -> tuple[GarmentNet, int]:
-    """A student fine-tuned from ``init`` on the labels plus the pool photos the teachers
-    label confidently; returns it and how many pool photos it learned from."""
-    keep, guess = pseudo_labels(teachers, config.pseudo_label_confidence)
-    x = np.concatenate([images, pool.images[keep]])
-    y = np.concatenate([labels, guess[keep]])
-    return fine_tune(init, x, y, config, device, seed, outliers=outliers), int(keep.sum())
-
-
 def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dict[str, Any]:
     """Fine-tune on reviewed photos, calibrate out of fold, write ``config.out``; returns the card."""
     started = time.perf_counter()
@@ -250,34 +185,20 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
                           "or choose another --out")
     init = load_model(config.init)
     reviewed = load_reviewed(config, init, progress)
-    pool = load_unlabeled(config, init, reviewed, progress)
     device = resolve_device(config.device)
     inside = reviewed.labels >= 0
     k = max(2, min(config.folds, int(inside.sum()) // 2))
     fold = stratified_folds(reviewed.labels, k, config.seed)  # `other` rows are a stratum of their own
     eval_batch = 1024
     oof_all = np.zeros((len(inside), len(init.classes)), np.float32)
-    teachers: list[np.ndarray] = []  # each fold model's logits over the pool
-    pseudo_used: list[int] = []
     for f in range(k):
         train, held = (fold != f) & inside, fold == f
         log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int(train.sum()))
-        outliers = reviewed.images[(fold != f) & ~inside]
         model = fine_tune(init, reviewed.images[train], reviewed.labels[train], config, device, config.seed + f,
-                          outliers=outliers)
-        if pool is not None and len(pool.images):
-            teachers.append(predict_logits_array(model, pool.images, device, eval_batch))
-            model, used = self_train(init, reviewed.images[train], reviewed.labels[train], pool, teachers[-1:],
-                                     config, device, config.seed + f, outliers)
-            pseudo_used.append(used)
+                          outliers=reviewed.images[(fold != f) & ~inside])
         oof_all[held] = predict_logits_array(model, reviewed.images[held], device, eval_batch)
     final = fine_tune(init, reviewed.images[inside], reviewed.labels[inside], config, device, config.seed + k,
                       outliers=reviewed.images[~inside])
-    if pool is not None and len(pool.images):
-        teachers.append(predict_logits_array(final, pool.images, device, eval_batch))
-        final, used = self_train(init, reviewed.images[inside], reviewed.labels[inside], pool, teachers, config,
-                                 device, config.seed + k, reviewed.images[~inside])
-        pseudo_used.append(used)
     detector = tune_detector(
         ReviewedScores(oof_all[inside], reviewed.images[inside], reviewed.random[inside], oof_all[~inside],
                        reviewed.images[~inside], reviewed.random[~inside]),
@@ -302,9 +223,8 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
         "review_table_precision": f"one-sided Clopper-Pearson {CONFIDENCE_LEVEL:.0%} lower bound",
         "fitted_on": "reviewed photos",
         "source": "own_photos",
-        "detail": f"out-of-fold predictions of {k} fine-tuned models{' (self-trained)' if pseudo_used else ''} "
-                  f"on {n} reviewed photos ({int((~correct).sum())} mistakes); never on photos the predicting "
-                  "model trained on",
+        "detail": f"out-of-fold predictions of {k} fine-tuned models on {n} reviewed photos "
+                  f"({int((~correct).sum())} mistakes); never on photos the predicting model trained on",
         "folds": k,
         "n": n,
         "confidence_level": CONFIDENCE_LEVEL,
@@ -332,7 +252,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
             "reviewed_files": [str(p) for p in config.reviewed],
             "command": command,
             "config": {**{k_: str(v) if isinstance(v, Path) else v for k_, v in vars(config).items()
-                          if k_ not in ("reviewed", "unlabeled")}},
+                          if k_ != "reviewed"}},
             "init": init.ident,
             "labels_per_class": {c: int((data.labels == i).sum()) for i, c in enumerate(classes)},
             "labels": n,
@@ -342,18 +262,6 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
             "skipped_images": len(data.undecodable),
             "skipped_examples": data.undecodable[:20],
             "reviewed_path_keys": trained_on,
-            "self_training": None if pool is None else {
-                "unlabeled_files": [str(p) for p in config.unlabeled],
-                "candidates": pool.candidates,
-                "drawn": len(pool.images) + pool.missing + pool.undecodable,
-                "missing": pool.missing,
-                "undecodable": pool.undecodable,
-                "pseudo_label_confidence": config.pseudo_label_confidence,
-                # photos each model learned from besides the labels: the k fold students, then the final one
-                "pseudo_labeled": pseudo_used,
-                "teachers": "fold f's student: fold model f (never saw fold f's labels); final student: "
-                            f"the mean softmax of all {k + 1} fine-tuned models",
-            },
             "seconds": round(time.perf_counter() - started, 1),
             "device": describe_device(device),
         },

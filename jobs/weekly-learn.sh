@@ -12,9 +12,6 @@
 #               empty at first: the bundled model is then the one to beat)
 #   FILLED_DIR  filled review workbooks and CSVs (*.xlsx, *.csv)  (default: /var/lib/catalog-tagger/review/filled)
 #   RUNS_DIR    where learn runs are kept                        (default: /var/lib/catalog-tagger/runs)
-#   TAGS        the nightly tag output: its photos nobody reviewed are learned from too
-#               (learn --unlabeled, self-training)                (default: $OUTPUT_DIR/tags.parquet
-#               when it exists, OUTPUT_DIR as for nightly-tag.sh; TAGS= turns it off)
 #   TAGGER      the catalog-tagger executable                    (default: catalog-tagger on PATH)
 #   EXTRA_ARGS  more options for `catalog-tagger learn`          (e.g. "--epochs 20")
 set -euo pipefail
@@ -22,8 +19,6 @@ set -euo pipefail
 : "${MODEL_DIR:?set MODEL_DIR to the folder of the published model}"
 FILLED_DIR=${FILLED_DIR:-/var/lib/catalog-tagger/review/filled}
 RUNS_DIR=${RUNS_DIR:-/var/lib/catalog-tagger/runs}
-OUTPUT_DIR=${OUTPUT_DIR:-/var/lib/catalog-tagger}
-TAGS=${TAGS-$OUTPUT_DIR/tags.parquet}
 TAGGER=${TAGGER:-catalog-tagger}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
@@ -39,10 +34,8 @@ run="$RUNS_DIR/learn-$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$RUNS_DIR"
 init=()
 [ -f "$MODEL_DIR/model.json" ] && init=(--init "$MODEL_DIR")
-unlabeled=()
-[ -n "$TAGS" ] && [ -f "$TAGS" ] && unlabeled=(--unlabeled "$TAGS")
 # shellcheck disable=SC2086  # EXTRA_ARGS is meant to split into words
-"$TAGGER" -q learn "${files[@]}" --out "$run" "${init[@]}" "${unlabeled[@]}" $EXTRA_ARGS   # set -e: a failed learn publishes nothing
+"$TAGGER" -q learn "${files[@]}" --out "$run" "${init[@]}" $EXTRA_ARGS   # set -e: a failed learn publishes nothing
 
 verdict=$(python3 - "$run/model.json" <<'PY'
 import json, sys

@@ -229,63 +229,6 @@ def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Pat
     assert result.exit_code == 6 and "--overwrite" in result.output
 
 
-def test_learn_self_trains_on_the_unreviewed_photos_of_a_tag_output(run_cli, workbook: Path, tags: Path,
-                                                                    tmp_path: Path) -> None:
-    filled = tmp_path / "filled.xlsx"
-    fill(workbook, filled)
-    model = tmp_path / "learned"
-    result = run_cli("learn", filled, "--out", model, "--unlabeled", tags, "--unlabeled-per-label", "0.2",
-                     *LEARN_FAST)
-    assert result.exit_code == 0, result.output
-    assert "self-training:" in result.output
-    card = json.loads((model / "model.json").read_text())
-    st = card["training"]["self_training"]
-    tagged = pd.read_parquet(tags)
-    reviewed = {r.path for r in read_review_rows(filled)}
-    ok = {os.path.abspath(p) for p in tagged.loc[tagged["status"] == "ok", "path"]}
-    assert st["candidates"] == len(ok - reviewed) > 0  # labeled rows nobody reviewed; failed, flagged left out
-    assert st["drawn"] == min(st["candidates"], int(0.2 * BUDGET))  # the per-label cap
-    assert len(st["pseudo_labeled"]) == 3 + 1  # a student per fold, and the final one
-    assert all(0 <= n <= st["drawn"] for n in st["pseudo_labeled"])
-    assert "self-trained" in card["calibration"]["detail"]
-
-
-def test_self_training_pool_leaves_out_reviewed_flagged_failed_and_gone_photos(tmp_path: Path) -> None:
-    from catalog_tagger.checkpoint import load_model
-    from catalog_tagger.config import LearnConfig
-    from catalog_tagger.learn import ReviewedSet, load_unlabeled
-
-    images = sorted((SAMPLE / "images").glob("*.png"))[:6]
-    gone = tmp_path / "gone.png"
-    rows = [(images[0], "ok"), (images[1], "ok"), (images[1], "ok"), (images[2], "out_of_scope"),
-            (images[3], "unreadable"), (images[4], "ok"), (gone, "ok")]
-    csv_path = tmp_path / "tags.csv"
-    pd.DataFrame({"image_id": [str(i) for i in range(len(rows))], "path": [str(p) for p, _ in rows],
-                  "status": [s for _, s in rows], "label": "Coat", "confidence": 0.9}).to_csv(csv_path, index=False)
-    reviewed = ReviewedSet(paths=[str(images[4])], labels=np.zeros(1, np.int64), random=np.zeros(1, bool),
-                           images=np.zeros((1, 1, 28, 28), np.uint8), other=0, missing=[], undecodable=[])
-    config = LearnConfig(unlabeled=(csv_path,), unlabeled_per_label=10.0, workers=0)
-    pool = load_unlabeled(config, load_model(None), reviewed, progress=False)
-    assert pool is not None
-    assert pool.candidates == 3 and pool.missing == 1  # images 0 and 1 (once), and the photo since deleted
-    assert pool.images.shape == (2, 1, 28, 28) and pool.images.any()
-    capped = load_unlabeled(LearnConfig(unlabeled=(csv_path,), unlabeled_per_label=1.0, workers=0),
-                            load_model(None), reviewed, progress=False)
-    assert capped is not None and len(capped.images) + capped.missing == 1
-
-
-def test_pseudo_labels_are_the_teachers_mean_softmax_above_the_threshold() -> None:
-    from catalog_tagger.learn import pseudo_labels
-
-    sure = np.array([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 3.0, 0.0]], np.float32)
-    other = np.array([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 3.0]], np.float32)
-    keep, guess = pseudo_labels([sure, other], 0.5)
-    assert keep.tolist() == [True, False, False]  # teachers that disagree teach nothing
-    assert guess[0] == 0
-    keep, _ = pseudo_labels([sure], 0.5)
-    assert keep.tolist() == [True, False, True]
-
-
 def _rows(path: Path) -> list[list]:
     ws = openpyxl.load_workbook(path)[REVIEW_SHEET]
     return [list(r) for r in ws.iter_rows(values_only=True)]
@@ -487,11 +430,11 @@ def test_nightly_review_job_never_asks_twice(tags: Path, tmp_path: Path) -> None
     assert len(a) == 25 and len(b) == 40 - 25 and not a & b
 
 
-def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tags: Path, tmp_path: Path) -> None:
+def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tmp_path: Path) -> None:
     filled, models = tmp_path / "filled", tmp_path / "published"
     filled.mkdir()
     env = {"FILLED_DIR": str(filled), "MODEL_DIR": str(models), "RUNS_DIR": str(tmp_path / "runs"),
-           "EXTRA_ARGS": " ".join(LEARN_FAST), "TAGS": str(tags)}
+           "EXTRA_ARGS": " ".join(LEARN_FAST)}
     done = _job("weekly-learn.sh", **env)  # nothing filled yet: nothing happens
     assert done.returncode == 0 and "kept" in done.stdout and not models.exists()
 
@@ -499,9 +442,7 @@ def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tags: Pa
     done = _job("weekly-learn.sh", **env)
     assert done.returncode == 0, done.stderr
     (run,) = (tmp_path / "runs").iterdir()
-    card = json.loads((run / "model.json").read_text())
-    assert card["training"]["self_training"]["unlabeled_files"] == [str(tags)]  # the nightly tags taught too
-    comparison = card["metrics"]["comparison"]
+    comparison = json.loads((run / "model.json").read_text())["metrics"]["comparison"]
     better = comparison["cv_accuracy"] > comparison["init_accuracy"]
     assert done.stdout.startswith("publish" if better else "keep"), done.stdout
     assert (models / "model.json").exists() == better
