@@ -64,5 +64,3 @@ LEVER_SETS = {
     "default+pair": replace(DEFAULT, pair="one"),
     "default+pair-turned": replace(DEFAULT, pair="one-turned"),
 }
-
-
