@@ -263,15 +263,16 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
         out = (a - bg) * (255.0 / np.maximum(255.0 - bg, 1.0))
     if light and bbox is not None and (levers.blank_outside_mask or levers.brightness != "none"):
         box_mask = mask[bbox[1] // k : -(-bbox[3] // k), bbox[0] // k : -(-bbox[2] // k)]
-        crop = Image.fromarray(box_mask.astype(np.uint8) * 255, "L")
-        if levers.blank_outside_mask:
-            soft = np.asarray(crop.resize((a.shape[1], a.shape[0]), Image.Resampling.BILINEAR))
-            soft = soft.astype(np.float32)[..., None] / 255.0
-            inside = soft > 0.5
-        elif box_mask.shape == a.shape[:2]:  # the probe is the photo (thumbnails): no resize
-            inside = box_mask[..., None]
+        if box_mask.shape == a.shape[:2] and not levers.blank_outside_mask:
+            inside = box_mask[..., None]  # the probe is the photo (thumbnails): nothing to resize
         else:
-            inside = (np.asarray(crop.resize((a.shape[1], a.shape[0]), Image.Resampling.NEAREST)) > 127)[..., None]
+            crop = Image.fromarray(box_mask.astype(np.uint8) * 255, "L")
+            if levers.blank_outside_mask:
+                soft = np.asarray(crop.resize((a.shape[1], a.shape[0]), Image.Resampling.BILINEAR))
+                soft = soft.astype(np.float32)[..., None] / 255.0
+                inside = soft > 0.5
+            else:
+                inside = (np.asarray(crop.resize((a.shape[1], a.shape[0]), Image.Resampling.NEAREST)) > 127)[..., None]
         out = np.maximum(out, 0.0)
         if levers.brightness != "none":
             out = _brightness(out, inside, levers.brightness)
