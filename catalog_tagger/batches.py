@@ -37,6 +37,9 @@ class DecodeSettings:
     time_limit: float | None = _DEFAULTS.time_limit
     # Also compute the file's sha256 (for the output's sha256 column).
     hash: bool = _DEFAULTS.hash
+    # Convert jittered copies of the photos instead (learn's extra views; photo_jitter.py):
+    # record i's copy is drawn from the seed (jitter_seed, i). None: the photos as they are.
+    jitter_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ def decode_record(record: Record, config: ModelConfig, settings: DecodeSettings,
     if record.problem is not None:
         status, error = record.problem
         return DecodedItem(ItemInfo(index, status, error))
-    decoded = decode_file(record.path, config, settings.max_pixels, settings.time_limit)
+    jitter = None if settings.jitter_seed is None else (settings.jitter_seed, index)
+    decoded = decode_file(record.path, config, settings.max_pixels, settings.time_limit, jitter)
     sha256 = file_sha256(record.path) if settings.hash and decoded.file_size else None
     info = ItemInfo(index, decoded.status, decoded.error, decoded.width, decoded.height, decoded.file_size,
                     decoded.mtime_us, sha256)

@@ -388,6 +388,8 @@ def _size(n: int) -> str:
 @click.option("--folds", type=click.IntRange(2), default=default(LearnConfig, "folds"), show_default=True,
               help="Cross-validation folds for the accuracy and calibration in the card.")
 @click.option("--epochs", type=click.IntRange(1), default=default(LearnConfig, "epochs"), show_default=True)
+@click.option("--views", type=click.IntRange(0), default=default(LearnConfig, "views"), show_default=True,
+              help="Jittered copies of each reviewed photo (turned, cropped, lit) learned beside it (0: none).")
 @click.option("--batch-size", type=click.IntRange(1), default=default(LearnConfig, "batch_size"), show_default=True)
 @click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=default(LearnConfig, "lr"), show_default=True)
 @click.option("--seed", type=int, default=default(LearnConfig, "seed"), show_default=True)
@@ -402,7 +404,7 @@ def _size(n: int) -> str:
 @click.pass_context
 @reports_errors
 def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path | None, folds: int, epochs: int,
-          batch_size: int, lr: float, seed: int, max_in_scope_flagged: float, outlier_weight: float,
+          views: int, batch_size: int, lr: float, seed: int, max_in_scope_flagged: float, outlier_weight: float,
           workers: int | None, device: str, overwrite: bool) -> None:
     """Fine-tune on filled review workbooks or CSVs (path + correct_label) into a new model folder.
 
@@ -412,7 +414,8 @@ def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path 
     """
     from .learn import learn as learn_from
 
-    config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, batch_size=batch_size,
+    config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, views=views,
+                         batch_size=batch_size,
                          lr=lr, seed=seed, device=device, workers=workers, overwrite=overwrite,
                          max_in_scope_flagged=max_in_scope_flagged, outlier_weight=outlier_weight)
     card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))

@@ -172,9 +172,13 @@ class LearnConfig:
     # k-fold cross-validation: k models each predict the fold they did not train on; those
     # out-of-fold predictions are what calibration and the accuracy in the card are fitted on.
     folds: int = 5
-    # 30 rather than 15: on real photos a few hundred labels gained 0.3-1.5 points from the
-    # longer schedule, 60 nothing more (docs/review-loop.md); each epoch is a few batches.
-    epochs: int = 30
+    # Passes over the reviewed photos and their views. With 8 views, 10 to 30 passes scored
+    # alike on realphoto-dev; 15 did better than 10 on home photos (docs/review-loop.md). That
+    # is 4.5 times the steps of the 30 plain passes learn took before views.
+    epochs: int = 15
+    # Jittered conversions of each reviewed photo learned beside it (photo_jitter.py): they
+    # show the network what a slightly different shot of the same item converts to (0: off).
+    views: int = 8
     batch_size: int = 32
     lr: float = 0.02
     seed: int = 0

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import IMAGE_FORMATS
 from .model import ModelConfig
+from .photo_jitter import jitter_photo
 from .preprocess import draft_mode, to_model_array
 
 # Pillow's own bomb check runs on the *declared* size before draft mode has had a chance
@@ -79,11 +80,13 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def decode_file(path: str, config: ModelConfig, max_pixels: int, time_limit_s: float | None = None) -> Decoded:
+def decode_file(path: str, config: ModelConfig, max_pixels: int, time_limit_s: float | None = None,
+                jitter: tuple[int, ...] | None = None) -> Decoded:
     """Decode ``path`` at reduced size and convert it with the shared preprocessing.
 
     ``time_limit_s`` bounds the time spent on one file; a file that takes longer is
-    reported as unreadable.
+    reported as unreadable. ``jitter``: convert a jittered copy of the photo instead
+    (photo_jitter.jitter_photo with this seed; ``learn``'s extra views, never ``tag``).
     """
     try:
         st = os.stat(path)
@@ -93,14 +96,15 @@ def decode_file(path: str, config: ModelConfig, max_pixels: int, time_limit_s: f
         return _fail("unreadable", f"cannot stat file: {exc.strerror or exc}")
     try:
         with time_limit(time_limit_s):
-            result = _decode_stat(path, st, config, max_pixels)
+            result = _decode_stat(path, st, config, max_pixels, jitter)
     except DecodeTimeout:
         result = _fail("unreadable", f"decoding took longer than the {time_limit_s:g} s limit")
     result.file_size, result.mtime_us = st.st_size, st.st_mtime_ns // 1000
     return result
 
 
-def _decode_stat(path: str, st: os.stat_result, config: ModelConfig, max_pixels: int) -> Decoded:
+def _decode_stat(path: str, st: os.stat_result, config: ModelConfig, max_pixels: int,
+                 jitter: tuple[int, ...] | None) -> Decoded:
     if not stat.S_ISREG(st.st_mode):
         return _fail("unsupported", "not a regular file")
     if st.st_size == 0:
@@ -109,7 +113,7 @@ def _decode_stat(path: str, st: os.stat_result, config: ModelConfig, max_pixels:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # truncated-EXIF and palette warnings are not our user's problem
             with Image.open(path) as img:
-                return _decode_open(img, config, max_pixels)
+                return _decode_open(img, config, max_pixels, jitter)
     except PermissionError as exc:
         return _fail("unreadable", f"permission denied: {exc.strerror or exc}")
     except UnidentifiedImageError:
@@ -121,7 +125,8 @@ def _decode_stat(path: str, st: os.stat_result, config: ModelConfig, max_pixels:
         return _fail("unreadable", f"corrupt or truncated image data: {_short(exc)}")
 
 
-def _decode_open(img: Image.Image, config: ModelConfig, max_pixels: int) -> Decoded:
+def _decode_open(img: Image.Image, config: ModelConfig, max_pixels: int, jitter: tuple[int, ...] | None
+                 ) -> Decoded:
     if img.format not in SUPPORTED_FORMATS:
         return _fail("unsupported", f"unsupported image format {img.format}")
     width, height = img.size
@@ -146,6 +151,8 @@ def _decode_open(img: Image.Image, config: ModelConfig, max_pixels: int) -> Deco
     img.load()
     if orientation not in (None, 1):
         img = ImageOps.exif_transpose(img)
+    if jitter is not None:
+        img = jitter_photo(img, jitter)
     return Decoded("ok", None, to_model_array(img, config), width, height)
 
 

@@ -35,16 +35,18 @@ import numpy as np
 import torch
 
 from . import __version__
+from .batches import DecodeSettings
 from .calibration import calibrate, softmax
 from .checkpoint import LoadedModel, load_model, output_folder, save_model
 from .config import LearnConfig, TrainConfig
-from .data.labeled import class_key, decode_paths
+from .data.labeled import class_key, decode_paths, decode_records
 from .errors import DataError, OutputError
 from .metrics import CONFIDENCE_LEVEL, clopper_pearson_lower
 from .model import FASHION_MNIST_CLASSES, GarmentNet, build_model
 from .reject import ReviewedScores, tune_detector
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
+from .sources import Record
 from .tagging import default_workers
 from .train import WEIGHTS_FILE, StepSettings, TrainState, lr_schedule, train_one_epoch
 from .workbook import ReviewRow, read_review_rows
@@ -66,12 +68,25 @@ class ReviewedSet:
     other: int
     missing: list[str]
     undecodable: list[dict[str, str]]
+    # Jittered conversions of the photos (photo_jitter.py) and the row each one is a view of.
+    views: np.ndarray
+    view_of: np.ndarray
 
     def in_scope(self) -> ReviewedSet:
         """Only the rows labeled with a class."""
         keep = self.labels >= 0
+        new_index = np.cumsum(keep) - 1
+        kept_views = keep[self.view_of]
         return ReviewedSet([p for p, k in zip(self.paths, keep) if k], self.labels[keep], self.random[keep],
-                           self.images[keep], self.other, self.missing, self.undecodable)
+                           self.images[keep], self.other, self.missing, self.undecodable,
+                           self.views[kept_views], new_index[self.view_of[kept_views]])
+
+    def training_set(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of the in-scope ``rows`` (a bool mask), their views included."""
+        rows = rows & (self.labels >= 0)
+        with_views = rows[self.view_of]
+        images = np.concatenate([self.images[rows], self.views[with_views]])
+        return images, np.concatenate([self.labels[rows], self.labels[self.view_of[with_views]]])
 
 
 def collect_labels(files: list[Path], classes: tuple[str, ...]) -> tuple[list[ReviewRow], list[int], int]:
@@ -128,11 +143,24 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
     if learnable < MIN_LABELS:
         raise DataError(f"only {learnable} reviewed photos can be learned from ({other} marked {OTHER!r}, "
                         f"{len(missing)} missing, {len(problems)} undecodable); label at least {MIN_LABELS}")
+    paths = [r.path for r, _ in kept]
+    views, view_of = _jittered_views(paths, loaded, config.views, config.seed, workers, progress)
     return ReviewedSet(
-        paths=[r.path for r, _ in kept], labels=np.array([i for _, i in kept], np.int64),
+        paths=paths, labels=np.array([i for _, i in kept], np.int64),
         random=np.array([r.why == WHY_RANDOM for r, _ in kept], bool), images=images, other=other,
-        missing=missing, undecodable=problems,
+        missing=missing, undecodable=problems, views=views, view_of=view_of,
     )
+
+
+def _jittered_views(paths: list[str], loaded: LoadedModel, k: int, seed: int, workers: int, progress: bool
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` jittered conversions of each photo, and the photo each one is of (0 <= index < len(paths))."""
+    records = [Record(i, p, p) for i, p in enumerate(paths * k)]
+    settings = DecodeSettings(jitter_seed=seed)
+    views, ok, _ = decode_records(records, loaded.config, min(workers, max(1, len(records) // 64)), progress,
+                                  settings)
+    # A photo changed since it decoded a moment ago loses its views, not the run.
+    return views, (np.arange(len(records)) % max(1, len(paths)))[ok]
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -194,10 +222,10 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     for f in range(k):
         train, held = (fold != f) & inside, fold == f
         log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int(train.sum()))
-        model = fine_tune(init, reviewed.images[train], reviewed.labels[train], config, device, config.seed + f,
+        model = fine_tune(init, *reviewed.training_set(train), config, device, config.seed + f,
                           outliers=reviewed.images[(fold != f) & ~inside])
         oof_all[held] = predict_logits_array(model, reviewed.images[held], device, eval_batch)
-    final = fine_tune(init, reviewed.images[inside], reviewed.labels[inside], config, device, config.seed + k,
+    final = fine_tune(init, *reviewed.training_set(inside), config, device, config.seed + k,
                       outliers=reviewed.images[~inside])
     detector = tune_detector(
         ReviewedScores(oof_all[inside], reviewed.images[inside], reviewed.random[inside], oof_all[~inside],
@@ -256,6 +284,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
             "init": init.ident,
             "labels_per_class": {c: int((data.labels == i).sum()) for i, c in enumerate(classes)},
             "labels": n,
+            "jittered_views": len(data.views),
             "other": data.other,
             "missing_photos": len(data.missing),
             "missing_examples": data.missing[:20],

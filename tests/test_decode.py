@@ -143,3 +143,36 @@ def test_a_colour_jpeg_gives_the_model_exactly_the_grey_a_grey_decode_gives(tmp_
         img.draft("L", (4 * CONFIG.input_size,) * 2)
         want = to_model_array(img, CONFIG)
     assert (decode_file(str(path), CONFIG, LIMIT).array == want).all()
+
+
+# --- learn's jittered views (photo_jitter.py) -------------------------------------------------
+
+def _item_photo(path, mode: str) -> None:
+    item = np.zeros((28, 28), np.uint8)
+    item[4:24, 8:20] = 200
+    photo = render_catalog_photo(item, 12).convert("RGB")
+    if mode == "RGBA":  # a cut-out: the item on a transparent backdrop
+        alpha = Image.fromarray(np.where(np.asarray(photo.convert("L")) < 250, 255, 0).astype(np.uint8), "L")
+        photo.putalpha(alpha)
+    elif mode != "RGB":
+        photo = photo.convert(mode)
+    photo.save(path)
+
+
+@pytest.mark.parametrize("name,mode", [("photo.jpg", "RGB"), ("grey.png", "L"), ("palette.png", "P"),
+                                       ("cutout.png", "RGBA"), ("sixteen.png", "I;16")])
+def test_jittered_view_is_another_conversion_of_the_same_item(tmp_path, name, mode):
+    path = str(tmp_path / name)
+    _item_photo(path, mode)
+    plain = decode_file(path, CONFIG, LIMIT).array
+    views = [decode_file(path, CONFIG, LIMIT, jitter=(0, i)).array for i in range(6)]
+    assert all(v.shape == plain.shape and v.dtype == np.uint8 for v in views)
+    # Reproducible from its seed, different from the plain conversion and from each other.
+    assert (decode_file(path, CONFIG, LIMIT, jitter=(0, 3)).array == views[3]).all()
+    assert all((v != plain).any() for v in views)
+    assert len({v.tobytes() for v in views}) == len(views)
+    # Still the same item: light on black, and most of its ink where the plain one has it.
+    for v in views:
+        assert (v < 30).mean() > 0.3 and v.max() > 150
+        overlap = ((v[0] > 60) & (plain[0] > 60)).sum() / max(1, (plain[0] > 60).sum())
+        assert overlap > 0.6, overlap

@@ -20,7 +20,8 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from catalog_tagger.learn import bounded_table, clopper_pearson_lower
+from catalog_tagger.config import LearnConfig
+from catalog_tagger.learn import ReviewedSet, bounded_table, clopper_pearson_lower
 from catalog_tagger.model import FASHION_MNIST_CLASSES
 from catalog_tagger.review import OTHER
 from catalog_tagger.workbook import CLASSES_SHEET, REVIEW_SHEET, read_review_rows
@@ -201,6 +202,7 @@ def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     card = json.loads((model / "model.json").read_text())
     assert card["training"]["labels"] == BUDGET - 2
+    assert card["training"]["jittered_views"] == LearnConfig().views * (BUDGET - 2)  # the learned photos' only
     assert card["training"]["other"] == 1 and card["training"]["missing_photos"] == 1
     assert sum(card["training"]["labels_per_class"].values()) == BUDGET - 2
     cal = card["calibration"]
@@ -227,6 +229,23 @@ def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Pat
 
     result = run_cli("learn", filled, "--out", model, *LEARN_FAST)
     assert result.exit_code == 6 and "--overwrite" in result.output
+
+
+def test_jittered_views_train_only_with_their_own_photo() -> None:
+    """A fold trains on the views of its own photos, never on a view of a photo it predicts."""
+    labels = np.array([0, 1, -1, 2, 1])  # -1: marked other
+    images = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1)
+    view_of = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3])  # photo 4's second view did not decode
+    views = (100 + view_of).astype(np.uint8).reshape(-1, 1, 1, 1)
+    reviewed = ReviewedSet([f"p{i}" for i in range(5)], labels, np.zeros(5, bool), images, 1, [], [], views, view_of)
+    x, y = reviewed.training_set(np.array([True, False, True, True, False]))
+    assert sorted(x.ravel().tolist()) == [0, 3, 100, 100, 103, 103]  # photos 0 and 3, twice each; not `other`
+    assert dict(zip(x.ravel().tolist(), y.tolist())) == {0: 0, 3: 2, 100: 0, 103: 2}
+    inside = reviewed.in_scope()
+    assert inside.view_of.tolist() == [0, 1, 2, 3, 0, 1, 2]  # renumbered past the `other` row
+    assert (inside.views.ravel() - 100 == np.array([0, 1, 3, 4, 0, 1, 3])).all()
+    x, y = inside.training_set(np.ones(4, bool))
+    assert len(x) == 4 + 7 and (y == np.concatenate([inside.labels, inside.labels[inside.view_of]])).all()
 
 
 def _rows(path: Path) -> list[list]:

@@ -1,0 +1,161 @@
+"""Levers for ``learn``'s fine-tune, in process: the final model only, on ``review``'s choice.
+
+    python benchmarks/learn_levers.py ../shared/realphoto-dev --seeds 0 1 2 3 4 5 --budget 200 \
+        --variants base fm200 views4 swa
+
+Photos are decoded once (as ``tag`` decodes them); ``review``'s choice (random slice +
+typical photos, ``review.choose``) takes ``--budget`` labels; each variant fine-tunes the
+bundled model on them and is scored on the photos not chosen. One JSON line per seed, and
+the mean and paired difference against ``base`` at the end. A screen: the CLI loop
+(``benchmarks/review_loop.py``) decides.
+
+Variants:
+- ``base``: ``learn.fine_tune`` as ``learn`` runs it;
+- ``fmN``: N random Fashion-MNIST training images join the labels (rehearsal);
+- ``viewsK``: K extra conversions of each labelled photo, each from a jittered photo
+  (``photo_jitter.jitter_photo``: turn, crop, brightness, contrast; ``--jitter-scale``)
+  before the one conversion, as ``learn --views K`` makes them;
+- ``repK``: the labelled photos K extra times (the steps of ``viewsK`` without the jitter);
+- ``swa``: the weights averaged over the last third of the epochs;
+- ``NAME@E``: the variant trained for E epochs instead of ``learn``'s default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from catalog_tagger import photo_jitter
+from catalog_tagger.checkpoint import load_model
+from catalog_tagger.config import LearnConfig, TagConfig, TrainConfig
+from catalog_tagger.data.labeled import decode_paths, fashion_mnist_data
+from catalog_tagger.decode import decode_file
+from catalog_tagger.learn import fine_tune
+from catalog_tagger.model import ModelConfig, build_model
+from catalog_tagger.out_of_scope import features_and_logits
+from catalog_tagger.review import choose
+from catalog_tagger.runtime import predict_logits_array
+from catalog_tagger.train import StepSettings, TrainState, lr_schedule, train_one_epoch
+
+
+def jittered_views(paths: list[str], k: int, seed: int, config: ModelConfig) -> np.ndarray:
+    """k conversions per photo through ``tag``'s decoder, each of a jittered photo (as ``learn`` makes them);
+    view j of photo i at j * len(paths) + i."""
+    limit = TagConfig().max_pixels
+    return np.stack([decode_file(p, config, limit, jitter=(seed, j * len(paths) + i)).array
+                     for j in range(k) for i, p in enumerate(paths)])
+
+
+def swa_tune(init, images: np.ndarray, labels: np.ndarray, config: LearnConfig, seed: int, start: float):
+    """``fine_tune`` with the weights averaged over the epochs after ``start`` (a share)."""
+    recipe = TrainConfig()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(init.config)
+    model.load_state_dict(init.model.state_dict())
+    batch_size = min(config.batch_size, len(images))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=recipe.momentum, nesterov=True,
+                                weight_decay=recipe.weight_decay)
+    per_epoch = max(1, len(images) // batch_size)
+    steps = per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, steps, per_epoch))
+    state = TrainState(model, optimizer, scheduler, generator)
+    settings = StepSettings(batch_size, torch.device("cpu"), recipe.label_smoothing, recipe.worn_prob)
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    for epoch in range(config.epochs):
+        train_one_epoch(state, images_t, labels_t, settings)
+        if epoch >= int(start * config.epochs):
+            averaged.update_parameters(model)
+    # Batch-norm statistics of the averaged weights, from the labelled photos.
+    net = copy.deepcopy(averaged.module)
+    torch.optim.swa_utils.update_bn([(x.float() / 255,) for x in torch.from_numpy(images).split(64)], net)
+    return net.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("photos", type=Path, help="folder with images/ and labels.csv (file,label_id)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--budget", type=int, default=200)
+    parser.add_argument("--jitter-scale", type=float, default=1.0,
+                        help="scale photo_jitter's turn and crop ranges and its brightness/contrast spread")
+    parser.add_argument("--style", help="only the photos of this style (labels.csv's column `style`)")
+    parser.add_argument("--variants", nargs="+", default=["base", "fm200", "views4", "swa"])
+    args = parser.parse_args()
+
+    scale = args.jitter_scale
+    photo_jitter.MAX_TURN_DEGREES *= scale
+    photo_jitter.MAX_CROP_SHARE *= scale
+    photo_jitter.BRIGHTNESS = (1 - 0.15 * scale, 1 + 0.15 * scale)
+    photo_jitter.CONTRAST = (1 - 0.2 * scale, 1 + 0.25 * scale)
+    labels = pd.read_csv(args.photos / "labels.csv")
+    if args.style:
+        labels = labels[labels["style"] == args.style].reset_index(drop=True)
+    init = load_model(None)
+    paths = [str(args.photos / f) for f in labels["file"]]
+    images, ok, _ = decode_paths(paths, init.config, 2, False)
+    paths = [p for p, good in zip(paths, ok) if good]
+    y = labels["label_id"].to_numpy()[ok]
+    features, _ = features_and_logits(init.model, images)
+    device = torch.device("cpu")
+    fm = None
+    results: dict[str, list[float]] = {v: [] for v in args.variants}
+
+    for seed in args.seeds:
+        started = time.perf_counter()
+        frame = pd.DataFrame({"path": paths})
+        chosen = np.array([i for i, _ in choose(frame, args.budget, 0.25, seed, features)])
+        rest = np.ones(len(y), bool)
+        rest[chosen] = False
+        xs, ys = images[chosen], y[chosen]
+        row: dict[str, object] = {"seed": seed}
+        for variant in args.variants:
+            # "views4@6": views4 trained for 6 epochs instead of learn's default.
+            variant_name, _, epochs = variant.partition("@")
+            config = LearnConfig(epochs=int(epochs)) if epochs else LearnConfig()
+            if variant_name == "base":
+                model = fine_tune(init, xs, ys, config, device, seed)
+            elif variant_name.startswith("fm"):
+                if fm is None:
+                    fm = fashion_mnist_data(None, 5000, 0).train
+                pick = np.random.default_rng(seed).choice(len(fm.labels), int(variant_name[2:]), replace=False)
+                model = fine_tune(init, np.concatenate([xs, fm.images[pick]]),
+                                  np.concatenate([ys, fm.labels[pick]]), config, device, seed)
+            elif variant_name.startswith("views"):
+                k = int(variant_name[5:])
+                extra = jittered_views([paths[i] for i in chosen], k, seed, init.config)
+                model = fine_tune(init, np.concatenate([xs, extra]), np.concatenate([ys, np.tile(ys, k)]),
+                                  config, device, seed)
+            elif variant_name.startswith("rep"):
+                k = int(variant_name[3:])
+                model = fine_tune(init, np.concatenate([xs] * (k + 1)), np.concatenate([ys] * (k + 1)),
+                                  config, device, seed)
+            elif variant_name == "swa":
+                model = swa_tune(init, xs, ys, config, seed, 2 / 3)
+            else:
+                raise SystemExit(f"unknown variant {variant}")
+            predicted = predict_logits_array(model, images, device).argmax(1)
+            results[variant].append(float((predicted == y)[rest].mean()))
+            row[variant] = round(results[variant][-1], 4)
+        row["seconds"] = round(time.perf_counter() - started)
+        print(json.dumps(row), flush=True)
+    base = np.array(next((v for k, v in results.items() if k.partition("@")[0] == "base"), []))
+    for variant, values in results.items():
+        line = {"variant": variant, "mean": round(float(np.mean(values)), 4)}
+        if len(base) and variant.partition("@")[0] != "base":
+            diff = np.array(values) - base
+            line.update({"paired mean": round(float(diff.mean()), 4), "ahead": int((diff > 0).sum()),
+                         "of": len(diff)})
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
