@@ -17,7 +17,8 @@ Variants:
   before the one conversion, as ``learn --views K`` makes them;
 - ``repK``: the labelled photos K extra times (the steps of ``viewsK`` without the jitter);
 - ``swa``: the weights averaged over the last third of the epochs;
-- ``NAME@E``: the variant trained for E epochs instead of ``learn``'s default.
+- ``NAME@E``: the variant trained for E epochs instead of ``learn``'s default;
+- ``NAME:key=value,...``: other ``LearnConfig`` values (``views8:lr=0.04``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -117,10 +119,14 @@ def main() -> None:
         rest[chosen] = False
         xs, ys = images[chosen], y[chosen]
         row: dict[str, object] = {"seed": seed}
-        for variant in args.variants:
-            # "views4@6": views4 trained for 6 epochs instead of learn's default.
+        for spec in args.variants:
+            # "views4@6": views4 trained for 6 epochs instead of learn's default;
+            # "views8:lr=0.04,batch_size=64": other LearnConfig values.
+            variant, _, overrides = spec.partition(":")
             variant_name, _, epochs = variant.partition("@")
-            config = LearnConfig(epochs=int(epochs)) if epochs else LearnConfig()
+            values = {k: type(getattr(LearnConfig, k))(v) for k, v in
+                      (item.split("=") for item in overrides.split(",") if item)}
+            config = LearnConfig(**({"epochs": int(epochs)} if epochs else {}), **values)
             if variant_name == "base":
                 model = fine_tune(init, xs, ys, config, device, seed)
             elif variant_name.startswith("fm"):
@@ -143,14 +149,17 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown variant {variant}")
             predicted = predict_logits_array(model, images, device).argmax(1)
-            results[variant].append(float((predicted == y)[rest].mean()))
-            row[variant] = round(results[variant][-1], 4)
+            results[spec].append(float((predicted == y)[rest].mean()))
+            row[spec] = round(results[spec][-1], 4)
         row["seconds"] = round(time.perf_counter() - started)
         print(json.dumps(row), flush=True)
-    base = np.array(next((v for k, v in results.items() if k.partition("@")[0] == "base"), []))
+    def name(spec: str) -> str:
+        return re.split("[@:]", spec)[0]
+
+    base = np.array(next((v for k, v in results.items() if name(k) == "base"), []))
     for variant, values in results.items():
         line = {"variant": variant, "mean": round(float(np.mean(values)), 4)}
-        if len(base) and variant.partition("@")[0] != "base":
+        if len(base) and name(variant) != "base":
             diff = np.array(values) - base
             line.update({"paired mean": round(float(diff.mean()), 4), "ahead": int((diff > 0).sum()),
                          "of": len(diff)})

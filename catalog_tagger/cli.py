@@ -415,9 +415,9 @@ def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path 
     from .learn import learn as learn_from
 
     config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, views=views,
-                         batch_size=batch_size,
-                         lr=lr, seed=seed, device=device, workers=workers, overwrite=overwrite,
-                         max_in_scope_flagged=max_in_scope_flagged, outlier_weight=outlier_weight)
+                         batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers,
+                         overwrite=overwrite, max_in_scope_flagged=max_in_scope_flagged,
+                         outlier_weight=outlier_weight)
     card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))
     m, t = card["metrics"], card["training"]
     click.echo(f"learned from {t['labels']} photos ({t['other']} other, {t['missing_photos']} missing, "
