@@ -173,8 +173,8 @@ class LearnConfig:
     # out-of-fold predictions are what calibration and the accuracy in the card are fitted on.
     folds: int = 5
     # Passes over the reviewed photos and their views. With 8 views, 10 to 30 passes scored
-    # alike on realphoto-dev; 15 did better than 10 on home photos (docs/review-loop.md). That
-    # is 4.5 times the steps of the 30 plain passes learn took before views.
+    # alike on real catalog thumbnails; 15 did better than 10 on home photos
+    # (docs/review-loop.md). That is 4.5 times the steps of the 30 plain passes of before views.
     epochs: int = 15
     # Jittered conversions of each reviewed photo learned beside it (photo_jitter.py): they
     # show the network what a slightly different shot of the same item converts to (0: off).

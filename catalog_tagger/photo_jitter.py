@@ -8,8 +8,8 @@ gives a different 28x28 input, and the network learns which of those differences
 change the label. Flips and shifts of the 28x28 input (augment.train_augment) cannot
 show that: they come after the conversion.
 
-Measured on realphoto-dev, 200 labels chosen by ``review``, final model only
-(``benchmarks/learn_levers.py``): docs/review-loop.md, "Jittered views of the reviewed photos".
+Measured on real catalog photos with 200 labels chosen by ``review`` (``benchmarks/learn_levers.py``
+and the review loop): docs/review-loop.md, "Jittered views of the reviewed photos".
 """
 
 from __future__ import annotations
