@@ -155,6 +155,9 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
 def _jittered_views(paths: list[str], loaded: LoadedModel, k: int, seed: int, workers: int, progress: bool
                     ) -> tuple[np.ndarray, np.ndarray]:
     """``k`` jittered conversions of each photo, and the photo each one is of (0 <= index < len(paths))."""
+    if k == 0:
+        return np.zeros((0, loaded.config.channels, loaded.config.input_size, loaded.config.input_size),
+                        np.uint8), np.zeros(0, np.int64)
     records = [Record(i, p, p) for i, p in enumerate(paths * k)]
     settings = DecodeSettings(jitter_seed=seed)
     views, ok, _ = decode_records(records, loaded.config, min(workers, max(1, len(records) // 64)), progress,

@@ -231,6 +231,15 @@ def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Pat
     assert result.exit_code == 6 and "--overwrite" in result.output
 
 
+def test_learn_without_views(run_cli, workbook: Path, tmp_path: Path) -> None:
+    filled = tmp_path / "filled.xlsx"
+    fill(workbook, filled)
+    result = run_cli("learn", filled, "--out", tmp_path / "model", *LEARN_FAST, "--views", "0")
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["training"]["jittered_views"] == 0 and card["training"]["labels"] == BUDGET
+
+
 def test_jittered_views_train_only_with_their_own_photo() -> None:
     """A fold trains on the views of its own photos, never on a view of a photo it predicts."""
     labels = np.array([0, 1, -1, 2, 1])  # -1: marked other
