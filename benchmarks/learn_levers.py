@@ -16,6 +16,7 @@ Variants:
   (``photo_jitter.jitter_photo``: turn, crop, brightness, contrast; ``--jitter-scale``)
   before the one conversion, as ``learn --views K`` makes them;
 - ``repK``: the labelled photos K extra times (the steps of ``viewsK`` without the jitter);
+- ``viewsKxN``: N such models (seeds apart) and the mean of their softmax (a multi-network card);
 - ``swa``: the weights averaged over the last third of the epochs;
 - ``NAME@E``: the variant trained for E epochs instead of ``learn``'s default;
 - ``NAME:key=value,...``: other ``LearnConfig`` values (``views8:lr=0.04``).
@@ -53,6 +54,17 @@ def jittered_views(paths: list[str], k: int, seed: int, config: ModelConfig) -> 
     limit = TagConfig().max_pixels
     return np.stack([decode_file(p, config, limit, jitter=(seed, j * len(paths) + i)).array
                      for j in range(k) for i, p in enumerate(paths)])
+
+
+class MeanOfModels(torch.nn.Module):
+    """The mean of several models' softmax, as log-probabilities (argmax = the ensemble's label)."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).softmax(1) for m in self.models]).mean(0).log()
 
 
 def swa_tune(init, images: np.ndarray, labels: np.ndarray, config: LearnConfig, seed: int, start: float):
@@ -136,10 +148,12 @@ def main() -> None:
                 model = fine_tune(init, np.concatenate([xs, fm.images[pick]]),
                                   np.concatenate([ys, fm.labels[pick]]), config, device, seed)
             elif variant_name.startswith("views"):
-                k = int(variant_name[5:])
+                k_text, _, n_text = variant_name[5:].partition("x")
+                k = int(k_text)
                 extra = jittered_views([paths[i] for i in chosen], k, seed, init.config)
-                model = fine_tune(init, np.concatenate([xs, extra]), np.concatenate([ys, np.tile(ys, k)]),
-                                  config, device, seed)
+                models = [fine_tune(init, np.concatenate([xs, extra]), np.concatenate([ys, np.tile(ys, k)]),
+                                    config, device, seed + 1000 * m) for m in range(int(n_text or 1))]
+                model = models[0] if len(models) == 1 else MeanOfModels(models)
             elif variant_name.startswith("rep"):
                 k = int(variant_name[3:])
                 model = fine_tune(init, np.concatenate([xs] * (k + 1)), np.concatenate([ys] * (k + 1)),
