@@ -36,24 +36,13 @@ import pandas as pd
 import torch
 
 from catalog_tagger import photo_jitter
-from catalog_tagger.checkpoint import load_model
-from catalog_tagger.config import LearnConfig, TagConfig, TrainConfig
+from catalog_tagger.checkpoint import LoadedModel, load_model
+from catalog_tagger.config import LearnConfig
 from catalog_tagger.data.labeled import decode_paths, fashion_mnist_data
-from catalog_tagger.decode import decode_file
-from catalog_tagger.learn import fine_tune
-from catalog_tagger.model import ModelConfig, build_model
+from catalog_tagger.learn import fine_tune, jittered_views
 from catalog_tagger.out_of_scope import features_and_logits
 from catalog_tagger.review import choose
 from catalog_tagger.runtime import predict_logits_array
-from catalog_tagger.train import StepSettings, TrainState, lr_schedule, train_one_epoch
-
-
-def jittered_views(paths: list[str], k: int, seed: int, config: ModelConfig) -> np.ndarray:
-    """k conversions per photo through ``tag``'s decoder, each of a jittered photo (as ``learn`` makes them);
-    view j of photo i at j * len(paths) + i."""
-    limit = TagConfig().max_pixels
-    return np.stack([decode_file(p, config, limit, jitter=(seed, j * len(paths) + i)).array
-                     for j in range(k) for i, p in enumerate(paths)])
 
 
 class MeanOfModels(torch.nn.Module):
@@ -67,29 +56,21 @@ class MeanOfModels(torch.nn.Module):
         return torch.stack([m(x).softmax(1) for m in self.models]).mean(0).log()
 
 
-def swa_tune(init, images: np.ndarray, labels: np.ndarray, config: LearnConfig, seed: int, start: float):
+def swa_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config: LearnConfig, seed: int,
+             start: float) -> torch.nn.Module:
     """``fine_tune`` with the weights averaged over the epochs after ``start`` (a share)."""
-    recipe = TrainConfig()
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = build_model(init.config)
-    model.load_state_dict(init.model.state_dict())
-    batch_size = min(config.batch_size, len(images))
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=recipe.momentum, nesterov=True,
-                                weight_decay=recipe.weight_decay)
-    per_epoch = max(1, len(images) // batch_size)
-    steps = per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, steps, per_epoch))
-    state = TrainState(model, optimizer, scheduler, generator)
-    settings = StepSettings(batch_size, torch.device("cpu"), recipe.label_smoothing, recipe.worn_prob)
-    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
-    averaged = torch.optim.swa_utils.AveragedModel(model)
-    for epoch in range(config.epochs):
-        train_one_epoch(state, images_t, labels_t, settings)
-        if epoch >= int(start * config.epochs):
-            averaged.update_parameters(model)
+    averaged: list[torch.optim.swa_utils.AveragedModel] = []
+
+    def average(epoch: int, model: torch.nn.Module) -> None:
+        if epoch < int(start * config.epochs):
+            return
+        if not averaged:
+            averaged.append(torch.optim.swa_utils.AveragedModel(model))
+        averaged[0].update_parameters(model)
+
+    fine_tune(init, images, labels, config, torch.device("cpu"), seed, after_epoch=average)
     # Batch-norm statistics of the averaged weights, from the labelled photos.
-    net = copy.deepcopy(averaged.module)
+    net = copy.deepcopy(averaged[0].module)
     torch.optim.swa_utils.update_bn([(x.float() / 255,) for x in torch.from_numpy(images).split(64)], net)
     return net.eval()
 
@@ -149,9 +130,8 @@ def main() -> None:
                                   np.concatenate([ys, fm.labels[pick]]), config, device, seed)
             elif variant_name.startswith("views"):
                 k_text, _, n_text = variant_name[5:].partition("x")
-                k = int(k_text)
-                extra = jittered_views([paths[i] for i in chosen], k, seed, init.config)
-                models = [fine_tune(init, np.concatenate([xs, extra]), np.concatenate([ys, np.tile(ys, k)]),
+                extra, view_of = jittered_views([paths[i] for i in chosen], init, int(k_text), seed, 2, False)
+                models = [fine_tune(init, np.concatenate([xs, extra]), np.concatenate([ys, ys[view_of]]),
                                     config, device, seed + 1000 * m) for m in range(int(n_text or 1))]
                 model = models[0] if len(models) == 1 else MeanOfModels(models)
             elif variant_name.startswith("rep"):

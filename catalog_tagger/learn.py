@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,14 +138,14 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
     kept = [(r, i) for r, i in kept if r.path not in gone]
     workers = default_workers() if config.workers is None else config.workers
     paths = [r.path for r, _ in kept]
-    images, ok, problems = decode_paths(paths, loaded.config, min(workers, max(1, len(paths) // 64)), progress)
+    images, ok, problems = decode_paths(paths, loaded.config, _decoders(workers, len(paths)), progress)
     kept = [k for k, good in zip(kept, ok) if good]
     learnable = sum(1 for _, i in kept if i >= 0)
     if learnable < MIN_LABELS:
         raise DataError(f"only {learnable} reviewed photos can be learned from ({other} marked {OTHER!r}, "
                         f"{len(missing)} missing, {len(problems)} undecodable); label at least {MIN_LABELS}")
     paths = [r.path for r, _ in kept]
-    views, view_of = _jittered_views(paths, loaded, config.views, config.seed, workers, progress)
+    views, view_of = jittered_views(paths, loaded, config.views, config.seed, workers, progress)
     return ReviewedSet(
         paths=paths, labels=np.array([i for _, i in kept], np.int64),
         random=np.array([r.why == WHY_RANDOM for r, _ in kept], bool), images=images, other=other,
@@ -152,18 +153,22 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
     )
 
 
-def _jittered_views(paths: list[str], loaded: LoadedModel, k: int, seed: int, workers: int, progress: bool
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _decoders(workers: int, n: int) -> int:
+    """Decoding processes for ``n`` photos: a worker's start costs more than a few dozen small decodes."""
+    return min(workers, max(1, n // 64))
+
+
+def jittered_views(paths: list[str], loaded: LoadedModel, k: int, seed: int, workers: int, progress: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """``k`` jittered conversions of each photo, and the photo each one is of (0 <= index < len(paths))."""
     if k == 0:
         return np.zeros((0, loaded.config.channels, loaded.config.input_size, loaded.config.input_size),
                         np.uint8), np.zeros(0, np.int64)
     records = [Record(i, p, p) for i, p in enumerate(paths * k)]
     settings = DecodeSettings(jitter_seed=seed)
-    views, ok, _ = decode_records(records, loaded.config, min(workers, max(1, len(records) // 64)), progress,
-                                  settings)
+    views, ok, _ = decode_records(records, loaded.config, _decoders(workers, len(records)), progress, settings)
     # A photo changed since it decoded a moment ago loses its views, not the run.
-    return views, (np.arange(len(records)) % max(1, len(paths)))[ok]
+    return views, (np.arange(len(records)) % len(paths))[ok]
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -179,9 +184,11 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config: LearnConfig,
-              device: torch.device, seed: int, outliers: np.ndarray | None = None) -> GarmentNet:
+              device: torch.device, seed: int, outliers: np.ndarray | None = None,
+              after_epoch: Callable[[int, GarmentNet], None] | None = None) -> GarmentNet:
     """A copy of ``init`` fine-tuned on ``images``/``labels`` with ``train``'s recipe, and with
-    ``outliers`` (photos of none of the classes) as outlier exposure."""
+    ``outliers`` (photos of none of the classes) as outlier exposure. ``after_epoch(epoch,
+    model)`` sees the weights after each epoch (benchmarks: weight averaging)."""
     recipe = TrainConfig()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -200,8 +207,10 @@ def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config:
     state = TrainState(model, optimizer, scheduler, generator)
     settings = StepSettings(batch_size, device, recipe.label_smoothing, worn)  # float32, as before
     outliers_t = torch.from_numpy(outliers).to(device) if outliers is not None and len(outliers) else None
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         train_one_epoch(state, images_t, labels_t, settings, outliers=outliers_t, outlier_weight=config.outlier_weight)
+        if after_epoch is not None:
+            after_epoch(epoch, model)
     return model.eval()
 
 
