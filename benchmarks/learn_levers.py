@@ -18,6 +18,11 @@ Variants:
 - ``repK``: the labelled photos K extra times (the steps of ``viewsK`` without the jitter);
 - ``viewsKxN``: N such models (seeds apart) and the mean of their softmax (a multi-network card);
 - ``swa``: the weights averaged over the last third of the epochs;
+- ``pseudoT[vK]``: self-training. A ``views8`` teacher labels the unlabelled pool; photos it is at
+  least T sure of (``pseudo0.9``) join the labels with their teacher's label (and K jittered views
+  each), and a student is fine-tuned from the bundled model on all of it. The pool is every photo
+  not chosen, or with ``--split-pool`` half of them (scored on the other half: photos the
+  student never saw, labelled or not);
 - ``NAME@E``: the variant trained for E epochs instead of ``learn``'s default;
 - ``NAME:key=value,...``: other ``LearnConfig`` values (``views8:lr=0.04``).
 """
@@ -38,8 +43,8 @@ import torch
 from catalog_tagger import photo_jitter
 from catalog_tagger.checkpoint import LoadedModel, load_model
 from catalog_tagger.config import LearnConfig
-from catalog_tagger.data.labeled import decode_paths, fashion_mnist_data
-from catalog_tagger.learn import fine_tune, jittered_views
+from catalog_tagger.data.labeled import decode_paths, fashion_mnist_data, jittered_views
+from catalog_tagger.learn import fine_tune
 from catalog_tagger.out_of_scope import features_and_logits
 from catalog_tagger.review import choose
 from catalog_tagger.runtime import predict_logits_array
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--jitter-scale", type=float, default=1.0,
                         help="scale photo_jitter's turn and crop ranges and its brightness/contrast spread")
     parser.add_argument("--style", help="only the photos of this style (labels.csv's column `style`)")
+    parser.add_argument("--split-pool", action="store_true",
+                        help="unlabelled pool = half the photos not chosen; every variant is scored on the other half")
     parser.add_argument("--variants", nargs="+", default=["base", "fm200", "views4", "swa"])
     args = parser.parse_args()
 
@@ -110,6 +117,10 @@ def main() -> None:
         chosen = np.array([i for i, _ in choose(frame, args.budget, 0.25, seed, features)])
         rest = np.ones(len(y), bool)
         rest[chosen] = False
+        pool = rest.copy()
+        if args.split_pool:
+            halves = np.random.default_rng(seed + 99).random(len(y)) < 0.5
+            pool, rest = rest & halves, rest & ~halves
         xs, ys = images[chosen], y[chosen]
         row: dict[str, object] = {"seed": seed}
         for spec in args.variants:
@@ -130,7 +141,7 @@ def main() -> None:
                                   np.concatenate([ys, fm.labels[pick]]), config, device, seed)
             elif variant_name.startswith("views"):
                 k_text, _, n_text = variant_name[5:].partition("x")
-                extra, view_of = jittered_views([paths[i] for i in chosen], init, int(k_text), seed, 2, False)
+                extra, view_of = jittered_views([paths[i] for i in chosen], init.config, int(k_text), seed, 2, False)
                 models = [fine_tune(init, np.concatenate([xs, extra]), np.concatenate([ys, ys[view_of]]),
                                     config, device, seed + 1000 * m) for m in range(int(n_text or 1))]
                 model = models[0] if len(models) == 1 else MeanOfModels(models)
@@ -138,6 +149,20 @@ def main() -> None:
                 k = int(variant_name[3:])
                 model = fine_tune(init, np.concatenate([xs] * (k + 1)), np.concatenate([ys] * (k + 1)),
                                   config, device, seed)
+            elif variant_name.startswith("pseudo"):
+                threshold_text, _, k_text = variant_name[6:].partition("v")
+                extra, view_of = jittered_views([paths[i] for i in chosen], init.config, 8, seed, 2, False)
+                images_l, labels_l = np.concatenate([xs, extra]), np.concatenate([ys, ys[view_of]])
+                teacher = fine_tune(init, images_l, labels_l, config, device, seed)
+                probs = torch.from_numpy(predict_logits_array(teacher, images[pool], device)).softmax(1).numpy()
+                sure = probs.max(1) >= float(threshold_text)
+                pool_index = np.flatnonzero(pool)[sure]
+                guessed = probs.argmax(1)[sure]
+                row[f"{spec} pseudo"] = f"{int(sure.sum())} at {float((guessed == y[pool_index]).mean()):.3f}"
+                more, more_of = jittered_views([paths[i] for i in pool_index], init.config, int(k_text or 0),
+                                               seed + 7, 2, False)
+                model = fine_tune(init, np.concatenate([images_l, images[pool_index], more]),
+                                  np.concatenate([labels_l, guessed, guessed[more_of]]), config, device, seed + 1)
             elif variant_name == "swa":
                 model = swa_tune(init, xs, ys, config, seed, 2 / 3)
             else:

@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="loops run at once (each is a chain of CLI calls)")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the tables from the runs already in --out")
-    parser.add_argument("--learn-args", default="", help="extra options for learn, e.g. '--epochs 20'")
+    parser.add_argument("--learn-args", default="",
+                        help="extra options for learn, e.g. '--epochs 20'; {tags} stands for the bundled model's "
+                             "tag output of the catalog ('--catalog {tags}': self-training)")
     parser.add_argument("--from-results", type=Path, nargs="+",
                         help="only redraw the tables and the plot from these results.json files (merged)")
     args = parser.parse_args()
@@ -212,7 +214,8 @@ def loop(args: argparse.Namespace, source: Path, base: Path, work: Path, truth: 
     work.mkdir()
     run("review", base, "--budget", budget, "--out", work / "review.xlsx", "--seed", seed, *extra)
     fill(work / "review.xlsx", truth)
-    run("learn", work / "review.xlsx", "--out", work / "model", "--seed", seed, *args.learn_args.split())
+    learn_args = args.learn_args.replace("{tags}", str(base)).split()
+    run("learn", work / "review.xlsx", "--out", work / "model", "--seed", seed, *learn_args)
     run("tag", source, "--model", work / "model", "--out", work / "tags.parquet")
     for target in TARGETS if args.targets else ():
         try:

@@ -398,6 +398,13 @@ def _size(n: int) -> str:
               help="Reject threshold: flag at most this share of the reviewed in-scope photos (out of fold).")
 @click.option("--outlier-weight", type=FiniteFloatRange(0), default=default(LearnConfig, "outlier_weight"),
               show_default=True, help="Weight of the rows marked 'other' as outlier exposure in fine-tuning (0: off).")
+@click.option("--catalog", type=click.Path(path_type=Path),
+              help="The tag output (Parquet/CSV) of the catalog: photos nobody reviewed are learned too, "
+                   "labeled where the model is sure (self-training).")
+@click.option("--pseudo-confidence", type=FiniteFloatRange(0, 1), default=default(LearnConfig, "pseudo_confidence"),
+              show_default=True, help="With --catalog: learn the photos the model is at least this sure of.")
+@click.option("--catalog-sample", type=click.IntRange(1), default=default(LearnConfig, "catalog_sample"),
+              show_default=True, help="With --catalog: at most this many of its photos (a random draw).")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
 @device_option
 @click.option("--overwrite", is_flag=True, help="Replace the model in --out if there is one.")
@@ -405,7 +412,8 @@ def _size(n: int) -> str:
 @reports_errors
 def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path | None, folds: int, epochs: int,
           views: int, batch_size: int, lr: float, seed: int, max_in_scope_flagged: float, outlier_weight: float,
-          workers: int | None, device: str, overwrite: bool) -> None:
+          catalog: Path | None, pseudo_confidence: float, catalog_sample: int, workers: int | None, device: str,
+          overwrite: bool) -> None:
     """Fine-tune on filled review workbooks or CSVs (path + correct_label) into a new model folder.
 
     Empty correct_label cells are not reviewed; 'other' (none of the classes) tunes the
@@ -417,12 +425,17 @@ def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path 
     config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, views=views,
                          batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers,
                          overwrite=overwrite, max_in_scope_flagged=max_in_scope_flagged,
-                         outlier_weight=outlier_weight)
+                         outlier_weight=outlier_weight, catalog=catalog, pseudo_confidence=pseudo_confidence,
+                         catalog_sample=catalog_sample)
     card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))
     m, t = card["metrics"], card["training"]
     click.echo(f"learned from {t['labels']} photos ({t['other']} other, {t['missing_photos']} missing, "
                f"{t['skipped_images']} undecodable) in {t['seconds']:.0f}s: cross-validated accuracy "
                f"{m['cv_accuracy']:.3f} (was {m['init_accuracy']:.3f}) -> {out}", err=True)
+    if t["self_training"]:
+        st = t["self_training"]
+        click.echo(f"self-training: {st['pseudo_labeled']} of {st['pool']} catalog photos not reviewed were sure "
+                   f"enough to learn ({st['flagged_left_out']} flagged out of scope left out)", err=True)
     chosen = card["out_of_scope"]["chosen"]
     caught = chosen["other_caught"]["share"]
     other = f" and catches {caught:.1%} of the {chosen['other']} marked other" if chosen["other"] else ""

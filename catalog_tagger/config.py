@@ -196,3 +196,13 @@ class LearnConfig:
     # Outlier exposure: rows marked `other` push the softmax towards uniform while fine-tuning
     # (0: they are left out of training).
     outlier_weight: float = 0.5
+    # Self-training (self_training.py): a `tag` output of the catalog the reviewed photos came
+    # from. Its photos nobody reviewed join the training with the label of a model fine-tuned
+    # on the reviewed ones, where that model is at least pseudo_confidence sure; each also
+    # trains as pseudo_views jittered views. None: off.
+    catalog: Path | None = None
+    pseudo_confidence: float = 0.7
+    pseudo_views: int = 2
+    # At most this many catalog photos (a seeded random draw): a few thousand showed the
+    # catalog well enough, and each costs a decode and training steps.
+    catalog_sample: int = 5000

@@ -36,18 +36,17 @@ import numpy as np
 import torch
 
 from . import __version__
-from .batches import DecodeSettings
 from .calibration import calibrate, softmax
 from .checkpoint import LoadedModel, load_model, output_folder, save_model
 from .config import LearnConfig, TrainConfig
-from .data.labeled import class_key, decode_paths, decode_records
+from .data.labeled import class_key, decode_paths, decoders_for, jittered_views
 from .errors import DataError, OutputError
 from .metrics import CONFIDENCE_LEVEL, clopper_pearson_lower
 from .model import FASHION_MNIST_CLASSES, GarmentNet, build_model
 from .reject import ReviewedScores, tune_detector
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
-from .sources import Record
+from .self_training import CatalogPool, load_pool, pseudo_labels
 from .tagging import default_workers
 from .train import WEIGHTS_FILE, StepSettings, TrainState, lr_schedule, train_one_epoch
 from .workbook import ReviewRow, read_review_rows
@@ -138,37 +137,19 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
     kept = [(r, i) for r, i in kept if r.path not in gone]
     workers = default_workers() if config.workers is None else config.workers
     paths = [r.path for r, _ in kept]
-    images, ok, problems = decode_paths(paths, loaded.config, _decoders(workers, len(paths)), progress)
+    images, ok, problems = decode_paths(paths, loaded.config, decoders_for(workers, len(paths)), progress)
     kept = [k for k, good in zip(kept, ok) if good]
     learnable = sum(1 for _, i in kept if i >= 0)
     if learnable < MIN_LABELS:
         raise DataError(f"only {learnable} reviewed photos can be learned from ({other} marked {OTHER!r}, "
                         f"{len(missing)} missing, {len(problems)} undecodable); label at least {MIN_LABELS}")
     paths = [r.path for r, _ in kept]
-    views, view_of = jittered_views(paths, loaded, config.views, config.seed, workers, progress)
+    views, view_of = jittered_views(paths, loaded.config, config.views, config.seed, workers, progress)
     return ReviewedSet(
         paths=paths, labels=np.array([i for _, i in kept], np.int64),
         random=np.array([r.why == WHY_RANDOM for r, _ in kept], bool), images=images, other=other,
         missing=missing, undecodable=problems, views=views, view_of=view_of,
     )
-
-
-def _decoders(workers: int, n: int) -> int:
-    """Decoding processes for ``n`` photos: a worker's start costs more than a few dozen small decodes."""
-    return min(workers, max(1, n // 64))
-
-
-def jittered_views(paths: list[str], loaded: LoadedModel, k: int, seed: int, workers: int, progress: bool
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``k`` jittered conversions of each photo, and the photo each one is of (0 <= index < len(paths))."""
-    if k == 0:
-        return np.zeros((0, loaded.config.channels, loaded.config.input_size, loaded.config.input_size),
-                        np.uint8), np.zeros(0, np.int64)
-    records = [Record(i, p, p) for i, p in enumerate(paths * k)]
-    settings = DecodeSettings(jitter_seed=seed)
-    views, ok, _ = decode_records(records, loaded.config, _decoders(workers, len(records)), progress, settings)
-    # A photo changed since it decoded a moment ago loses its views, not the run.
-    return views, (np.arange(len(records)) % len(paths))[ok]
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -214,6 +195,22 @@ def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config:
     return model.eval()
 
 
+def _tuned(init: LoadedModel, reviewed: ReviewedSet, train: np.ndarray, other: np.ndarray, pool: CatalogPool | None,
+           config: LearnConfig, device: torch.device, seed: int) -> tuple[GarmentNet, int]:
+    """The model fine-tuned on the ``train`` rows (and ``other`` rows as outliers); with a
+    catalog pool, that model is the teacher and its student is returned, with the number
+    of pool photos it was taught."""
+    images, labels = reviewed.training_set(train)
+    outliers = reviewed.images[other]
+    teacher = fine_tune(init, images, labels, config, device, seed, outliers=outliers)
+    if pool is None:
+        return teacher, 0
+    sure = pseudo_labels(teacher, pool, config.pseudo_confidence, device)
+    student = fine_tune(init, np.concatenate([images, sure.images]), np.concatenate([labels, sure.labels]),
+                        config, device, seed, outliers=outliers)
+    return student, sure.photos
+
+
 def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dict[str, Any]:
     """Fine-tune on reviewed photos, calibrate out of fold, write ``config.out``; returns the card."""
     started = time.perf_counter()
@@ -225,20 +222,27 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
                           "or choose another --out")
     init = load_model(config.init)
     reviewed = load_reviewed(config, init, progress)
+    pool = None
+    if config.catalog is not None:
+        workers = default_workers() if config.workers is None else config.workers
+        done = reviewed.paths + reviewed.missing + [p["path"] for p in reviewed.undecodable]
+        pool = load_pool(config.catalog, done, init.config, config.catalog_sample,
+                         config.pseudo_views, config.seed, workers, progress)
     device = resolve_device(config.device)
     inside = reviewed.labels >= 0
     k = max(2, min(config.folds, int(inside.sum()) // 2))
     fold = stratified_folds(reviewed.labels, k, config.seed)  # `other` rows are a stratum of their own
     eval_batch = 1024
     oof_all = np.zeros((len(inside), len(init.classes)), np.float32)
+    pseudo_counts = []
     for f in range(k):
         train, held = (fold != f) & inside, fold == f
         log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int(train.sum()))
-        model = fine_tune(init, *reviewed.training_set(train), config, device, config.seed + f,
-                          outliers=reviewed.images[(fold != f) & ~inside])
+        # The fold's own teacher labels the pool: the held-out fold never reaches its model.
+        model, taken = _tuned(init, reviewed, train, (fold != f) & ~inside, pool, config, device, config.seed + f)
+        pseudo_counts.append(taken)
         oof_all[held] = predict_logits_array(model, reviewed.images[held], device, eval_batch)
-    final = fine_tune(init, *reviewed.training_set(inside), config, device, config.seed + k,
-                      outliers=reviewed.images[~inside])
+    final, taken = _tuned(init, reviewed, inside, ~inside, pool, config, device, config.seed + k)
     detector = tune_detector(
         ReviewedScores(oof_all[inside], reviewed.images[inside], reviewed.random[inside], oof_all[~inside],
                        reviewed.images[~inside], reviewed.random[~inside]),
@@ -298,6 +302,10 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
             "labels": n,
             "jittered_views": len(data.views),
             "other": data.other,
+            "self_training": None if pool is None else {
+                "catalog": str(config.catalog), "tagged_rows": pool.tagged, "flagged_left_out": pool.flagged,
+                "sampled_out": pool.sampled_out, "pool": len(pool.paths), "min_confidence": config.pseudo_confidence,
+                "views": config.pseudo_views, "pseudo_labeled": taken, "pseudo_labeled_per_fold": pseudo_counts},
             "missing_photos": len(data.missing),
             "missing_examples": data.missing[:20],
             "skipped_images": len(data.undecodable),

@@ -19,6 +19,7 @@ import numpy as np
 import openpyxl
 import pandas as pd
 import pytest
+import torch
 
 from catalog_tagger.config import LearnConfig
 from catalog_tagger.learn import ReviewedSet, bounded_table, clopper_pearson_lower
@@ -238,6 +239,57 @@ def test_learn_without_views(run_cli, workbook: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["training"]["jittered_views"] == 0 and card["training"]["labels"] == BUDGET
+
+
+def test_learn_from_the_catalog_photos_nobody_reviewed(run_cli, workbook: Path, tags: Path, tmp_path: Path) -> None:
+    """--catalog: every photo of the tag output that was neither reviewed nor flagged out of
+    scope is in the pool; with --pseudo-confidence 0 each of them is learned."""
+    filled = tmp_path / "filled.xlsx"
+    fill(workbook, filled)
+    tagged = pd.read_parquet(tags)
+    reviewed = {os.path.abspath(p) for p in pd.read_excel(workbook, header=1)["path"]}
+    free = tagged.index[(tagged["status"] == "ok") & ~tagged["path"].map(os.path.abspath).isin(reviewed)]
+    tagged.loc[free[0], ["status", "label"]] = ["out_of_scope", None]  # as tag writes a photo of something else
+    catalog = tmp_path / "catalog.parquet"
+    tagged.to_parquet(catalog)
+    expected = free[1:]
+    assert len(expected) > 0
+    result = run_cli("learn", filled, "--out", tmp_path / "model", *LEARN_FAST, "--catalog", catalog,
+                     "--pseudo-confidence", "0")
+    assert result.exit_code == 0, result.output
+    assert f"{len(expected)} of {len(expected)} catalog photos not reviewed" in result.output
+    st = json.loads((tmp_path / "model" / "model.json").read_text())["training"]["self_training"]
+    assert st["pool"] == st["pseudo_labeled"] == len(expected)
+    assert st["flagged_left_out"] == 1
+    assert len(st["pseudo_labeled_per_fold"]) == 3 and st["min_confidence"] == 0
+
+    # Without --catalog nothing changes; a catalog with nothing left to learn is refused.
+    result = run_cli("learn", filled, "--out", tmp_path / "plain", *LEARN_FAST)
+    assert json.loads((tmp_path / "plain" / "model.json").read_text())["training"]["self_training"] is None
+    only_reviewed = tmp_path / "reviewed-tags.parquet"
+    tagged[tagged["path"].map(os.path.abspath).isin(reviewed)].to_parquet(only_reviewed)
+    result = run_cli("learn", filled, "--out", tmp_path / "none", *LEARN_FAST, "--catalog", only_reviewed)
+    assert result.exit_code == 3 and "not already reviewed" in result.output
+    assert not (tmp_path / "none").exists()
+
+
+def test_pseudo_labels_take_only_sure_photos_and_their_views() -> None:
+    from catalog_tagger.self_training import CatalogPool, pseudo_labels
+
+    class Fixed(torch.nn.Module):  # logits from the image's single pixel value
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v = (x.flatten(1)[:, 0] * 255).round().long()
+            table = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.1, 0.0]])  # sure 0, sure 1, unsure
+            return table[v % 3]
+
+    images = np.array([0, 1, 2, 4], np.uint8).reshape(4, 1, 1, 1)  # photo 3 (value 4) is sure of class 1
+    view_of = np.array([0, 2, 3, 3])
+    views = images[view_of] + np.uint8(3)  # same class by construction (value % 3 unchanged)
+    pool = CatalogPool([f"p{i}" for i in range(4)], images, views, view_of, tagged=6, flagged=2, sampled_out=0)
+    sure = pseudo_labels(Fixed(), pool, 0.9, torch.device("cpu"))
+    assert sure.photos == 3
+    assert sorted(zip(sure.images.ravel().tolist(), sure.labels.tolist())) == [
+        (0, 0), (1, 1), (3, 0), (4, 1), (7, 1), (7, 1)]  # photo 2 and its view are out: unsure
 
 
 def test_jittered_views_train_only_with_their_own_photo() -> None:

@@ -133,6 +133,24 @@ def decode_paths(paths: list[str], config: ModelConfig, workers: int, progress: 
     return decode_records(records, config, workers, progress, DecodeSettings(max_pixels=max_pixels))
 
 
+def decoders_for(workers: int, n: int) -> int:
+    """Decoding processes for ``n`` photos: a worker's start costs more than a few dozen small decodes."""
+    return min(workers, max(1, n // 64))
+
+
+def jittered_views(paths: list[str], config: ModelConfig, k: int, seed: int, workers: int, progress: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` jittered conversions of each photo, and the photo each one is of (0 <= index < len(paths))."""
+    if k == 0:
+        return np.zeros((0, config.channels, config.input_size, config.input_size),
+                        np.uint8), np.zeros(0, np.int64)
+    records = [Record(i, p, p) for i, p in enumerate(paths * k)]
+    settings = DecodeSettings(jitter_seed=seed)
+    views, ok, _ = decode_records(records, config, decoders_for(workers, len(records)), progress, settings)
+    # A photo changed since it decoded a moment ago loses its views, not the run.
+    return views, (np.arange(len(records)) % len(paths))[ok]
+
+
 def load_labeled(data: Path | None, manifest: Path | None, config: ModelConfig, path_col: str = "path",
                  label_col: str = "label", classes: tuple[str, ...] | None = None, workers: int = 0,
                  progress: bool = False, min_classes: int = 2) -> LabeledArrays:
