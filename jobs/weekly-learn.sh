@@ -12,6 +12,10 @@
 #               empty at first: the bundled model is then the one to beat)
 #   FILLED_DIR  filled review workbooks and CSVs (*.xlsx, *.csv)  (default: /var/lib/catalog-tagger/review/filled)
 #   RUNS_DIR    where learn runs are kept                        (default: /var/lib/catalog-tagger/runs)
+#   TAGS_FILE   the nightly tag output: the photos in it nobody reviewed are learned too,
+#               labeled where the model is sure (learn --catalog; off when the file is absent)
+#                                                                (default: $OUTPUT_DIR/tags.parquet)
+#   OUTPUT_DIR  where nightly-tag.sh writes                      (default: /var/lib/catalog-tagger)
 #   TAGGER      the catalog-tagger executable                    (default: catalog-tagger on PATH)
 #   EXTRA_ARGS  more options for `catalog-tagger learn`          (e.g. "--epochs 20")
 set -euo pipefail
@@ -19,6 +23,8 @@ set -euo pipefail
 : "${MODEL_DIR:?set MODEL_DIR to the folder of the published model}"
 FILLED_DIR=${FILLED_DIR:-/var/lib/catalog-tagger/review/filled}
 RUNS_DIR=${RUNS_DIR:-/var/lib/catalog-tagger/runs}
+OUTPUT_DIR=${OUTPUT_DIR:-/var/lib/catalog-tagger}
+TAGS_FILE=${TAGS_FILE:-$OUTPUT_DIR/tags.parquet}
 TAGGER=${TAGGER:-catalog-tagger}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
@@ -34,8 +40,10 @@ run="$RUNS_DIR/learn-$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$RUNS_DIR"
 init=()
 [ -f "$MODEL_DIR/model.json" ] && init=(--init "$MODEL_DIR")
+catalog=()
+[ -f "$TAGS_FILE" ] && catalog=(--catalog "$TAGS_FILE")
 # shellcheck disable=SC2086  # EXTRA_ARGS is meant to split into words
-"$TAGGER" -q learn "${files[@]}" --out "$run" "${init[@]}" $EXTRA_ARGS   # set -e: a failed learn publishes nothing
+"$TAGGER" -q learn "${files[@]}" --out "$run" "${init[@]}" "${catalog[@]}" $EXTRA_ARGS   # set -e: a failed learn publishes nothing
 
 verdict=$(python3 - "$run/model.json" <<'PY'
 import json, sys

@@ -510,11 +510,11 @@ def test_nightly_review_job_never_asks_twice(tags: Path, tmp_path: Path) -> None
     assert len(a) == 25 and len(b) == 40 - 25 and not a & b
 
 
-def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tmp_path: Path) -> None:
+def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tags: Path, tmp_path: Path) -> None:
     filled, models = tmp_path / "filled", tmp_path / "published"
     filled.mkdir()
     env = {"FILLED_DIR": str(filled), "MODEL_DIR": str(models), "RUNS_DIR": str(tmp_path / "runs"),
-           "EXTRA_ARGS": " ".join(LEARN_FAST)}
+           "EXTRA_ARGS": " ".join(LEARN_FAST), "TAGS_FILE": str(tags)}
     done = _job("weekly-learn.sh", **env)  # nothing filled yet: nothing happens
     assert done.returncode == 0 and "kept" in done.stdout and not models.exists()
 
@@ -522,7 +522,9 @@ def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tmp_path
     done = _job("weekly-learn.sh", **env)
     assert done.returncode == 0, done.stderr
     (run,) = (tmp_path / "runs").iterdir()
-    comparison = json.loads((run / "model.json").read_text())["metrics"]["comparison"]
+    card = json.loads((run / "model.json").read_text())
+    assert card["training"]["self_training"]["catalog"] == str(tags)  # the nightly tags taught it too
+    comparison = card["metrics"]["comparison"]
     better = comparison["cv_accuracy"] > comparison["init_accuracy"]
     assert done.stdout.startswith("publish" if better else "keep"), done.stdout
     assert (models / "model.json").exists() == better
