@@ -401,8 +401,8 @@ def _size(n: int) -> str:
 @click.option("--catalog", type=click.Path(path_type=Path),
               help="The tag output (Parquet/CSV) of the catalog: photos nobody reviewed are learned too, "
                    "labeled where the model is sure (self-training).")
-@click.option("--pseudo-confidence", type=FiniteFloatRange(0, 1), default=default(LearnConfig, "pseudo_confidence"),
-              show_default=True, help="With --catalog: learn the photos the model is at least this sure of.")
+@click.option("--pseudo-share", type=FiniteFloatRange(0, 1), default=default(LearnConfig, "pseudo_share"),
+              show_default=True, help="With --catalog: learn this share of its photos, those the model is surest of.")
 @click.option("--catalog-sample", type=click.IntRange(1), default=default(LearnConfig, "catalog_sample"),
               show_default=True, help="With --catalog: at most this many of its photos (a random draw).")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
@@ -412,7 +412,7 @@ def _size(n: int) -> str:
 @reports_errors
 def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path | None, folds: int, epochs: int,
           views: int, batch_size: int, lr: float, seed: int, max_in_scope_flagged: float, outlier_weight: float,
-          catalog: Path | None, pseudo_confidence: float, catalog_sample: int, workers: int | None, device: str,
+          catalog: Path | None, pseudo_share: float, catalog_sample: int, workers: int | None, device: str,
           overwrite: bool) -> None:
     """Fine-tune on filled review workbooks or CSVs (path + correct_label) into a new model folder.
 
@@ -425,7 +425,7 @@ def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path 
     config = LearnConfig(reviewed=reviewed, out=out, init=init, folds=folds, epochs=epochs, views=views,
                          batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers,
                          overwrite=overwrite, max_in_scope_flagged=max_in_scope_flagged,
-                         outlier_weight=outlier_weight, catalog=catalog, pseudo_confidence=pseudo_confidence,
+                         outlier_weight=outlier_weight, catalog=catalog, pseudo_share=pseudo_share,
                          catalog_sample=catalog_sample)
     card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))
     m, t = card["metrics"], card["training"]

@@ -197,11 +197,15 @@ class LearnConfig:
     # (0: they are left out of training).
     outlier_weight: float = 0.5
     # Self-training (self_training.py): a `tag` output of the catalog the reviewed photos came
-    # from. Its photos nobody reviewed join the training with the label of a model fine-tuned
-    # on the reviewed ones, where that model is at least pseudo_confidence sure; each also
-    # trains as pseudo_views jittered views. None: off.
+    # from. The pseudo_share of its photos nobody reviewed that a model fine-tuned on the
+    # reviewed ones is surest of join the training with that model's label; each also trains
+    # as pseudo_views jittered views. None: off. A share, not a softmax threshold: with
+    # `other` rows as outlier exposure the softmax runs lower and varies from model to model,
+    # and a threshold took 2 photos for one model and 529 for its fold models, which then no
+    # longer resembled it (docs/review-loop.md). 0.75 is about what a softmax of 0.7 took on
+    # catalog thumbnails, between the 0.6 and 0.8 that scored alike.
     catalog: Path | None = None
-    pseudo_confidence: float = 0.7
+    pseudo_share: float = 0.75
     pseudo_views: int = 2
     # At most this many catalog photos (a seeded random draw). Measured with pools of about
     # 900; each photo taken adds 3 examples to every student's passes, so 2,000 keeps learn

@@ -205,7 +205,7 @@ def _tuned(init: LoadedModel, reviewed: ReviewedSet, train: np.ndarray, other: n
     teacher = fine_tune(init, images, labels, config, device, seed, outliers=outliers)
     if pool is None:
         return teacher, 0
-    sure = pseudo_labels(teacher, pool, config.pseudo_confidence, device)
+    sure = pseudo_labels(teacher, pool, config.pseudo_share, device)
     student = fine_tune(init, np.concatenate([images, sure.images]), np.concatenate([labels, sure.labels]),
                         config, device, seed, outliers=outliers)
     return student, sure.photos
@@ -304,7 +304,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
             "other": data.other,
             "self_training": None if pool is None else {
                 "catalog": str(config.catalog), "tagged_rows": pool.tagged, "flagged_left_out": pool.flagged,
-                "sampled_out": pool.sampled_out, "pool": len(pool.paths), "min_confidence": config.pseudo_confidence,
+                "sampled_out": pool.sampled_out, "pool": len(pool.paths), "share": config.pseudo_share,
                 "views": config.pseudo_views, "pseudo_labeled": taken, "pseudo_labeled_per_fold": pseudo_counts},
             "missing_photos": len(data.missing),
             "missing_examples": data.missing[:20],

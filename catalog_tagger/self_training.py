@@ -5,11 +5,13 @@ but they show what the catalog looks like: the model trained on the reviewed pho
 teacher) labels them, the photos it is sure of join the reviewed ones with the teacher's
 label (and a few jittered views each), and a student is fine-tuned from the starting model
 on all of it. On real catalog thumbnails the teacher's sure labels were about 95-98% right and
-the student about 1.5 points more accurate than the teacher (docs/review-loop.md).
+the student about 1.5 points more accurate than the teacher (docs/review-loop.md). Every
+teacher takes the same share of the pool, so the fold students the card's evidence comes from
+are made like the final one.
 
 Photos the tag run flagged as out of scope stay out: a sure garment label on a belt would
-teach the student the very mistake the reviewer corrected. So do photos the teacher is not
-sure of: taking every photo with its argmax label gave nothing (same document).
+teach the student the very mistake the reviewer corrected. So do the photos the teacher is
+least sure of: taking every photo with its argmax label gave nothing (same document).
 """
 
 from __future__ import annotations
@@ -84,12 +86,12 @@ def load_pool(tags: Path, reviewed: list[str], config: ModelConfig, sample: int,
                        sampled_out=len(paths) - len(picked))
 
 
-def pseudo_labels(teacher: torch.nn.Module, pool: CatalogPool, min_confidence: float,
-                  device: torch.device) -> PseudoLabels:
-    """The teacher's labels on the pool photos whose softmax top score reaches ``min_confidence``."""
+def pseudo_labels(teacher: torch.nn.Module, pool: CatalogPool, share: float, device: torch.device) -> PseudoLabels:
+    """The teacher's labels on the ``share`` of the pool photos it gives the highest softmax."""
     logits = predict_logits_array(teacher, pool.images, device, 1024)
     probs = torch.from_numpy(logits).softmax(1).numpy()
-    sure = probs.max(1) >= min_confidence
+    sure = np.zeros(len(probs), bool)
+    sure[np.argsort(-probs.max(1), kind="stable")[: int(round(share * len(probs)))]] = True
     guessed = probs.argmax(1)
     with_views = sure[pool.view_of]
     images = np.concatenate([pool.images[sure], pool.views[with_views]])

@@ -140,6 +140,9 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
                     ) -> tuple[float, float]:
     """One pass over shuffled uint8 ``images`` (N, C, H, W); returns (mean loss, accuracy).
 
+    ``labels``: class indices (N,), or class probabilities (N, classes) as soft targets
+    (a teacher's, in self-training); accuracy and the augmentation then use their argmax.
+
     ``outliers``: uint8 images of none of the classes (outlier exposure, Hendrycks et al.
     2019): each step also pushes the softmax of up to half a batch of them, drawn at random
     and mirrored at random, towards uniform, with ``outlier_weight``.
@@ -161,7 +164,8 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
     n_batches = max(1, len(images) // world // batch_size)
     # The augmentation reads the labels on the CPU (it draws there); one copy per epoch, not a
     # device-to-host wait per step.
-    labels_cpu = labels.cpu()
+    hard = labels.argmax(1) if labels.dim() == 2 else labels
+    labels_cpu = hard.cpu()
     # Loss and accuracy add up on the device: reading them each step (.item()) would make the
     # CPU wait for the GPU every step instead of queueing the next one.
     total_loss = torch.zeros((), device=device)
@@ -184,7 +188,7 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
         state.scheduler.step()
         n = len(idx)
         total_loss += loss.detach() * n
-        total_correct += (logits.argmax(1) == y).sum()
+        total_correct += (logits.argmax(1) == hard[idx]).sum()
         seen += n
         if settings.progress and i % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(total_correct) / seen:.3f}")

@@ -243,7 +243,7 @@ def test_learn_without_views(run_cli, workbook: Path, tmp_path: Path) -> None:
 
 def test_learn_from_the_catalog_photos_nobody_reviewed(run_cli, workbook: Path, tags: Path, tmp_path: Path) -> None:
     """--catalog: every photo of the tag output that was neither reviewed nor flagged out of
-    scope is in the pool; with --pseudo-confidence 0 each of them is learned."""
+    scope is in the pool; with --pseudo-share 1 each of them is learned."""
     filled = tmp_path / "filled.xlsx"
     fill(workbook, filled)
     tagged = pd.read_parquet(tags)
@@ -255,13 +255,13 @@ def test_learn_from_the_catalog_photos_nobody_reviewed(run_cli, workbook: Path, 
     expected = free[1:]
     assert len(expected) > 0
     result = run_cli("learn", filled, "--out", tmp_path / "model", *LEARN_FAST, "--catalog", catalog,
-                     "--pseudo-confidence", "0")
+                     "--pseudo-share", "1")
     assert result.exit_code == 0, result.output
     assert f"{len(expected)} of {len(expected)} catalog photos not reviewed" in result.output
     st = json.loads((tmp_path / "model" / "model.json").read_text())["training"]["self_training"]
     assert st["pool"] == st["pseudo_labeled"] == len(expected)
     assert st["flagged_left_out"] == 1
-    assert len(st["pseudo_labeled_per_fold"]) == 3 and st["min_confidence"] == 0
+    assert len(st["pseudo_labeled_per_fold"]) == 3 and st["share"] == 1
 
     # Without --catalog nothing changes; a catalog with nothing left to learn is refused.
     result = run_cli("learn", filled, "--out", tmp_path / "plain", *LEARN_FAST)
@@ -273,7 +273,7 @@ def test_learn_from_the_catalog_photos_nobody_reviewed(run_cli, workbook: Path, 
     assert not (tmp_path / "none").exists()
 
 
-def test_pseudo_labels_take_only_sure_photos_and_their_views() -> None:
+def test_pseudo_labels_take_the_surest_share_of_photos_and_their_views() -> None:
     from catalog_tagger.self_training import CatalogPool, pseudo_labels
 
     class Fixed(torch.nn.Module):  # logits from the image's single pixel value
@@ -286,7 +286,7 @@ def test_pseudo_labels_take_only_sure_photos_and_their_views() -> None:
     view_of = np.array([0, 2, 3, 3])
     views = images[view_of] + np.uint8(3)  # same class by construction (value % 3 unchanged)
     pool = CatalogPool([f"p{i}" for i in range(4)], images, views, view_of, tagged=6, flagged=2, sampled_out=0)
-    sure = pseudo_labels(Fixed(), pool, 0.9, torch.device("cpu"))
+    sure = pseudo_labels(Fixed(), pool, 0.75, torch.device("cpu"))
     assert sure.photos == 3
     assert sorted(zip(sure.images.ravel().tolist(), sure.labels.tolist())) == [
         (0, 0), (1, 1), (3, 0), (4, 1), (7, 1), (7, 1)]  # photo 2 and its view are out: unsure
