@@ -6,7 +6,8 @@
 Photos are decoded once (as ``tag`` decodes them); ``review``'s choice (random slice +
 typical photos, ``review.choose``) takes ``--budget`` labels; each variant fine-tunes the
 bundled model on them and is scored on the photos not chosen. One JSON line per seed, and
-the mean and paired difference against ``base`` at the end. A screen: the CLI loop
+the mean and paired difference against ``base`` at the end. ``cov95``: the share of those
+photos that, taken most confident first, are 95% right (how well the confidence ranks). A screen: the CLI loop
 (``benchmarks/review_loop.py``) decides.
 
 Variants:
@@ -22,7 +23,8 @@ Variants:
   least T sure of (``pseudo0.9``) join the labels with their teacher's label (and K jittered views
   each), and a student is fine-tuned from the bundled model on all of it. The pool is every photo
   not chosen, or with ``--split-pool`` half of them (scored on the other half: photos the
-  student never saw, labelled or not);
+  student never saw, labelled or not); ``softT[vK]``: the same with the teacher's probabilities
+  as the student's targets instead of its top class;
 - ``NAME@E``: the variant trained for E epochs instead of ``learn``'s default;
 - ``NAME:key=value,...``: other ``LearnConfig`` values (``views8:lr=0.04``).
 """
@@ -78,6 +80,16 @@ def swa_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config: 
     net = copy.deepcopy(averaged[0].module)
     torch.optim.swa_utils.update_bn([(x.float() / 255,) for x in torch.from_numpy(images).split(64)], net)
     return net.eval()
+
+
+def coverage_at(logits: np.ndarray, truth: np.ndarray, precision: float) -> float:
+    """The largest share of rows that, taken by confidence, are right at least ``precision`` of
+    the time (on the scored photos themselves: how well the confidence ranks, not a promise)."""
+    probs = torch.from_numpy(logits).softmax(1).numpy()
+    order = np.argsort(-probs.max(1))
+    hits = np.cumsum(probs.argmax(1)[order] == truth[order]) / np.arange(1, len(order) + 1)
+    good = np.flatnonzero(hits >= precision)
+    return float((good[-1] + 1) / len(order)) if len(good) else 0.0
 
 
 def main() -> None:
@@ -149,8 +161,9 @@ def main() -> None:
                 k = int(variant_name[3:])
                 model = fine_tune(init, np.concatenate([xs] * (k + 1)), np.concatenate([ys] * (k + 1)),
                                   config, device, seed)
-            elif variant_name.startswith("pseudo"):
-                threshold_text, _, k_text = variant_name[6:].partition("v")
+            elif variant_name.startswith(("pseudo", "soft")):
+                soft = variant_name.startswith("soft")
+                threshold_text, _, k_text = variant_name[4 if soft else 6:].partition("v")
                 extra, view_of = jittered_views([paths[i] for i in chosen], init.config, 8, seed, 2, False)
                 images_l, labels_l = np.concatenate([xs, extra]), np.concatenate([ys, ys[view_of]])
                 teacher = fine_tune(init, images_l, labels_l, config, device, seed)
@@ -161,15 +174,22 @@ def main() -> None:
                 row[f"{spec} pseudo"] = f"{int(sure.sum())} at {float((guessed == y[pool_index]).mean()):.3f}"
                 more, more_of = jittered_views([paths[i] for i in pool_index], init.config, int(k_text or 0),
                                                seed + 7, 2, False)
-                model = fine_tune(init, np.concatenate([images_l, images[pool_index], more]),
-                                  np.concatenate([labels_l, guessed, guessed[more_of]]), config, device, seed + 1)
+                if soft:  # the teacher's probabilities as targets; the reviewed labels one-hot
+                    taught = probs[sure].astype(np.float32)
+                    targets = np.concatenate([np.eye(probs.shape[1], dtype=np.float32)[labels_l], taught,
+                                              taught[more_of]])
+                else:
+                    targets = np.concatenate([labels_l, guessed, guessed[more_of]])
+                model = fine_tune(init, np.concatenate([images_l, images[pool_index], more]), targets, config,
+                                  device, seed + 1)
             elif variant_name == "swa":
                 model = swa_tune(init, xs, ys, config, seed, 2 / 3)
             else:
                 raise SystemExit(f"unknown variant {variant}")
-            predicted = predict_logits_array(model, images, device).argmax(1)
-            results[spec].append(float((predicted == y)[rest].mean()))
+            logits = predict_logits_array(model, images, device)
+            results[spec].append(float((logits.argmax(1) == y)[rest].mean()))
             row[spec] = round(results[spec][-1], 4)
+            row[f"{spec} cov95"] = round(coverage_at(logits[rest], y[rest], 0.95), 3)
         row["seconds"] = round(time.perf_counter() - started)
         print(json.dumps(row), flush=True)
     def name(spec: str) -> str:

@@ -152,3 +152,31 @@ def test_bf16_training_really_runs_in_bf16_and_learns(tmp_path, tiny_data_dir, m
 def test_a_validation_split_as_large_as_the_training_set_is_a_usage_error(tmp_path, tiny_data_dir, run_cli):
     result = run_cli("-q", "train", "--data-dir", tiny_data_dir, "--out", tmp_path / "m", "--val-size", "1200")
     assert result.exit_code == 2 and "--val-size must be between 1 and 1199" in result.output
+
+
+def _one_epoch(labels: torch.Tensor, smoothing: float) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+    from catalog_tagger.train import StepSettings, TrainState, train_one_epoch
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       torch.Generator().manual_seed(0))
+    result = train_one_epoch(state, images, labels, StepSettings(32, torch.device("cpu"), smoothing, worn_prob=0.5))
+    return model.state_dict(), result
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_soft_targets_train_like_their_hard_labels_when_one_hot(smoothing: float) -> None:
+    """Self-training hands train_one_epoch class probabilities: one-hot ones must take the very
+    steps the class indices take (same augmentation draws, same loss, same accuracy)."""
+    hard = torch.arange(96) % 10
+    weights_hard, result_hard = _one_epoch(hard, smoothing)
+    weights_soft, result_soft = _one_epoch(torch.nn.functional.one_hot(hard, 10).float(), smoothing)
+    assert result_soft == pytest.approx(result_hard, rel=1e-5)
+    for name, value in weights_hard.items():
+        torch.testing.assert_close(weights_soft[name], value)
+    # And a soft target is not read as its argmax: the weights move differently.
+    weights_half, _ = _one_epoch(0.5 * torch.nn.functional.one_hot(hard, 10).float() + 0.05, smoothing)
+    assert not torch.allclose(weights_half["1.weight"], weights_hard["1.weight"])
