@@ -400,7 +400,7 @@ def _size(n: int) -> str:
               show_default=True, help="Weight of the rows marked 'other' as outlier exposure in fine-tuning (0: off).")
 @click.option("--catalog", type=click.Path(path_type=Path),
               help="The tag output (Parquet/CSV) of the catalog: photos nobody reviewed are learned too, "
-                   "labeled where the model is sure (self-training).")
+                   "those the model is surest of, with its label (self-training).")
 @click.option("--pseudo-share", type=FiniteFloatRange(0, 1), default=default(LearnConfig, "pseudo_share"),
               show_default=True, help="With --catalog: learn this share of its photos, those the model is surest of.")
 @click.option("--catalog-sample", type=click.IntRange(1), default=default(LearnConfig, "catalog_sample"),
@@ -434,8 +434,9 @@ def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path 
                f"{m['cv_accuracy']:.3f} (was {m['init_accuracy']:.3f}) -> {out}", err=True)
     if t["self_training"]:
         st = t["self_training"]
-        click.echo(f"self-training: {st['pseudo_labeled']} of {st['pool']} catalog photos not reviewed were sure "
-                   f"enough to learn ({st['flagged_left_out']} flagged out of scope left out)", err=True)
+        click.echo(f"self-training: {st['pseudo_labeled']} of {st['pool']} catalog photos not reviewed learned with "
+                   f"the label the model was surest of ({st['flagged_left_out']} flagged out of scope left out)",
+                   err=True)
     chosen = card["out_of_scope"]["chosen"]
     caught = chosen["other_caught"]["share"]
     other = f" and catches {caught:.1%} of the {chosen['other']} marked other" if chosen["other"] else ""
