@@ -124,6 +124,11 @@ def _name(index: int, classes: tuple[str, ...]) -> str:
     return OTHER if index < 0 else classes[index]
 
 
+def _workers(config: LearnConfig) -> int:
+    """Decoding processes: the configured count, else tagging's default for this machine."""
+    return default_workers() if config.workers is None else config.workers
+
+
 def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> ReviewedSet:
     rows, indices, _ = collect_labels(list(config.reviewed), loaded.classes)
     other = sum(1 for i in indices if i < 0)
@@ -135,7 +140,7 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
         log.warning("skipping %d reviewed photos that no longer exist (first: %s)", len(missing), missing[0])
     gone = set(missing)
     kept = [(r, i) for r, i in kept if r.path not in gone]
-    workers = default_workers() if config.workers is None else config.workers
+    workers = _workers(config)
     paths = [r.path for r, _ in kept]
     images, ok, problems = decode_paths(paths, loaded.config, decoders_for(workers, len(paths)), progress)
     kept = [k for k, good in zip(kept, ok) if good]
@@ -224,7 +229,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     reviewed = load_reviewed(config, init, progress)
     pool = None
     if config.catalog is not None:
-        workers = default_workers() if config.workers is None else config.workers
+        workers = _workers(config)
         done = reviewed.paths + reviewed.missing + [p["path"] for p in reviewed.undecodable]
         pool = load_pool(config.catalog, done, init.config, config.catalog_sample,
                          config.pseudo_views, config.seed, workers, progress)
