@@ -247,8 +247,8 @@ def _number(value: Any) -> float:
 
 
 # Reasons a row can carry; the first that applies is reported.
-REASON_BLANK = ("blank: almost no product pixels after conversion (an empty image, thin lines such as text, "
-                "or a product that blends into its background)")
+REASON_BLANK = ("blank: almost no product pixels after conversion (an empty image, a noise field, thin lines "
+                "such as text, or a product that blends into its background)")
 REASON_FILLED = "filled: no product outline against a background"
 REASON_THIN = "thin: a line such as text or a strap, thinner than any garment"
 REASON_GRAINY = "grainy: pixel-to-pixel noise where a product has smooth shading"

@@ -139,6 +139,38 @@ def test_blank_image_does_not_crash():
     assert out.shape == (1, 28, 28) and out.max() == 0
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("shape", [(52, 40), (130, 100), (390, 300, 3), (1300, 1000, 3)])
+def test_a_noise_field_converts_to_an_empty_frame(tmp_path, shape, fmt):
+    # Shrunk to 28x28 a noise field averages into a flat box the network calls a Bag; the
+    # conversion empties it instead (the detector's blank rule then flags it), at any size.
+    rng = np.random.default_rng(sum(shape))
+    path = tmp_path / f"noise.{fmt.lower()}"
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, fmt, quality=90)
+    decoded = decode_file(str(path), CONFIG, 10**9)
+    assert decoded.status == "ok" and decoded.array is not None and decoded.array.max() == 0
+
+
+def test_neighbour_correlation_tells_noise_from_photos():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (112, 84, 1)).astype(np.float32)
+    ramp = np.add.outer(np.arange(112.0), np.arange(84.0))[..., None]
+    fabric = ramp + rng.normal(0, 8, ramp.shape)  # shading with a little grain on top
+    assert abs(preprocess.neighbour_correlation(noise)) < 0.05
+    assert preprocess.neighbour_correlation(fabric) > 0.9
+    # too small or too even to say: never taken for noise
+    assert preprocess.neighbour_correlation(noise[:4, :4]) == 1.0
+    assert preprocess.neighbour_correlation(np.full((50, 50, 3), 200.0) + rng.normal(0, 1, (50, 50, 3))) == 1.0
+
+
+def test_products_on_noisy_backdrops_are_not_taken_for_noise(fmnist_test):
+    rng = np.random.default_rng(3)
+    for k in range(20):  # two of each class, small photos with noise of 60 grey levels, far worse than any camera's
+        item = fmnist_test.images[np.flatnonzero(fmnist_test.labels == k % 10)[k // 10]].reshape(28, 28)
+        photo = render_catalog_photo(item, 4, canvas=(120, 160), noise=60.0, rng=rng)
+        assert to_model_array(photo, CONFIG).max() > 0, k
+
+
 def test_noisy_backdrop_does_not_stretch_the_crop():
     rng = np.random.default_rng(0)
     photo = render_catalog_photo(_item(), 10, canvas=(600, 800), noise=6.0, rng=rng)
