@@ -25,6 +25,9 @@ Variants:
   not chosen, or with ``--split-pool`` half of them (scored on the other half: photos the
   student never saw, labelled or not); ``softT[vK]``: the same with the teacher's probabilities
   as the student's targets instead of its top class;
+- ``[ens][soft]shareS[vK][rR]``: ``learn --catalog``'s rule (``share_student``): the teacher's
+  surest share S of the pool, K views each (default 2), R rounds; ``soft``: its probabilities as
+  targets; ``ens``: the first teacher is the mean of 5 fold models (learn trains them anyway);
 - ``NAME@E``: the variant trained for E epochs instead of ``learn``'s default;
 - ``NAME:key=value,...``: other ``LearnConfig`` values (``views8:lr=0.04``).
 """
@@ -46,10 +49,11 @@ from catalog_tagger import photo_jitter
 from catalog_tagger.checkpoint import LoadedModel, load_model
 from catalog_tagger.config import LearnConfig
 from catalog_tagger.data.labeled import decode_paths, fashion_mnist_data, jittered_views
-from catalog_tagger.learn import fine_tune
+from catalog_tagger.learn import fine_tune, stratified_folds
 from catalog_tagger.out_of_scope import features_and_logits
 from catalog_tagger.review import choose
 from catalog_tagger.runtime import predict_logits_array
+from catalog_tagger.self_training import CatalogPool, pseudo_labels
 
 
 class MeanOfModels(torch.nn.Module):
@@ -80,6 +84,58 @@ def swa_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config: 
     net = copy.deepcopy(averaged[0].module)
     torch.optim.swa_utils.update_bn([(x.float() / 255,) for x in torch.from_numpy(images).split(64)], net)
     return net.eval()
+
+
+def _taken(model: torch.nn.Module, catalog: CatalogPool, share: float) -> np.ndarray:
+    """Which pool photos ``pseudo_labels`` takes (its rule, for scoring the labels it gives)."""
+    probs = torch.from_numpy(predict_logits_array(model, catalog.images, torch.device("cpu"), 1024)).softmax(1)
+    sure = np.zeros(len(probs), bool)
+    sure[np.argsort(-probs.max(1).values.numpy(), kind="stable")[: int(round(share * len(probs)))]] = True
+    return sure
+
+
+def share_student(variant: str, init: LoadedModel, paths: list[str], chosen: np.ndarray, pool: np.ndarray,
+                  images: np.ndarray, xs: np.ndarray, ys: np.ndarray, config: LearnConfig, seed: int,
+                  row: dict[str, object], spec: str, truth: np.ndarray) -> torch.nn.Module:
+    """``learn --catalog``'s rule: a teacher fine-tuned on the labels (and ``config.views``
+    jittered views) takes the ``S`` share of the pool it is surest of (``self_training.pseudo_labels``)
+    with ``K`` views each; the student is fine-tuned from the bundled model on both. ``rR``: R
+    rounds, each round's student the next one's teacher; ``soft``: the teacher's probabilities as
+    targets for the pool photos instead of its top class."""
+    match = re.fullmatch(r"(ens)?(soft)?share([0-9.]+)(?:v(\d+))?(?:r(\d+))?", variant)
+    if match is None:
+        raise SystemExit(f"unknown variant {variant}")
+    ensemble, soft, share = bool(match[1]), bool(match[2]), float(match[3])
+    k, rounds = int(match[4] or 2), int(match[5] or 1)
+    device = torch.device("cpu")
+    extra, view_of = jittered_views([paths[i] for i in chosen], init.config, config.views, seed, 2, False)
+    images_l, labels_l = np.concatenate([xs, extra]), np.concatenate([ys, ys[view_of]])
+    pool_index = np.flatnonzero(pool)
+    more, more_of = jittered_views([paths[i] for i in pool_index], init.config, k, seed + 7, 2, False)
+    catalog = CatalogPool([paths[i] for i in pool_index], images[pool_index], more, more_of, len(pool_index), 0, 0)
+    model: torch.nn.Module
+    if ensemble:  # the first teacher: the mean of learn's 5 fold models, each trained without one fold
+        fold = stratified_folds(ys, 5, seed)[np.r_[np.arange(len(ys)), view_of]]  # views follow their photo
+        model = MeanOfModels([fine_tune(init, images_l[fold != f], labels_l[fold != f], config, device, seed + f)
+                              for f in range(5)])
+    else:
+        model = fine_tune(init, images_l, labels_l, config, device, seed)
+    taken = []
+    for _ in range(rounds):
+        sure = pseudo_labels(model, catalog, share, device)
+        targets: np.ndarray
+        if soft:  # the same photos and views, the teacher's probabilities as targets
+            probs = torch.from_numpy(predict_logits_array(model, sure.images, device)).softmax(1).numpy()
+            targets = np.concatenate([np.eye(probs.shape[1], dtype=np.float32)[labels_l], probs.astype(np.float32)])
+        else:
+            targets = np.concatenate([labels_l, sure.labels])
+        # The photos taken come first in sure.labels, in pool order.
+        photos = np.flatnonzero(_taken(model, catalog, share))
+        right = float((sure.labels[: sure.photos] == truth[pool_index][photos]).mean())
+        taken.append(f"{sure.photos} at {right:.3f}")
+        model = fine_tune(init, np.concatenate([images_l, sure.images]), targets, config, device, seed)
+    row[f"{spec} pseudo"] = taken
+    return model
 
 
 def coverage_at(logits: np.ndarray, truth: np.ndarray, precision: float) -> float:
@@ -161,6 +217,9 @@ def main() -> None:
                 k = int(variant_name[3:])
                 model = fine_tune(init, np.concatenate([xs] * (k + 1)), np.concatenate([ys] * (k + 1)),
                                   config, device, seed)
+            elif re.match("(ens)?(soft)?share", variant_name):
+                model = share_student(variant_name, init, paths, chosen, pool, images, xs, ys, config, seed, row,
+                                      spec, y)
             elif variant_name.startswith(("pseudo", "soft")):
                 soft = variant_name.startswith("soft")
                 threshold_text, _, k_text = variant_name[4 if soft else 6:].partition("v")
