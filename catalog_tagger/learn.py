@@ -219,12 +219,8 @@ def _tuned(init: LoadedModel, reviewed: ReviewedSet, train: np.ndarray, other: n
 def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dict[str, Any]:
     """Fine-tune on reviewed photos, calibrate out of fold, write ``config.out``; returns the card."""
     started = time.perf_counter()
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a folder; choose a folder")
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there "
-                          "or choose another --out")
+    out = Path(os.path.abspath(config.out))  # "--out ." names the folder itself
+    _check_out(out, config.overwrite)
     init = load_model(config.init)
     reviewed = load_reviewed(config, init, progress)
     pool = None
@@ -342,6 +338,28 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     return card
 
 
+CARD_FILE = Path(WEIGHTS_FILE).with_suffix(".json").name
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that ``learn`` may not replace: a file, a folder holding anything
+    but a model (the swap below replaces the whole folder, and it may be the user's), or,
+    without ``overwrite``, a model."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; choose a folder")
+    entries = list(out.iterdir())
+    foreign = sorted(e.name for e in entries
+                     if not (e.is_file() and (e.name == CARD_FILE or e.suffix == ".safetensors")))
+    if foreign:
+        raise OutputError(f"{out} holds files that are not a model ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); learn replaces the whole folder, "
+                          "so choose a new or empty --out")
+    if entries and not overwrite:
+        raise OutputError(f"{out} already holds a model; pass --overwrite to replace it or choose another --out")
+
+
 def _write_model_folder(out: Path, model: GarmentNet, card: dict[str, Any], overwrite: bool) -> None:
     """Write into a fresh sibling folder, then swap it in: a failed write never leaves a
     half model where ``tag --model`` would find it."""
@@ -353,9 +371,11 @@ def _write_model_folder(out: Path, model: GarmentNet, card: dict[str, Any], over
     saved = save_model(model.cpu(), card, staging / WEIGHTS_FILE)
     card.update(saved)
     if out.exists():
-        if not overwrite and any(out.iterdir()):
+        try:
+            _check_out(out, overwrite)  # again: the folder may have changed during training
+        except OutputError:
             shutil.rmtree(staging, ignore_errors=True)
-            raise OutputError(f"{out} already holds files; pass --overwrite to replace the model there")
+            raise
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)

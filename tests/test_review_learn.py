@@ -232,6 +232,26 @@ def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Pat
     assert result.exit_code == 6 and "--overwrite" in result.output
 
 
+def test_learn_never_replaces_a_folder_that_holds_more_than_a_model(run_cli, workbook: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    mine = tmp_path / "mine"
+    (mine / "v1").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    fill(workbook, mine / "filled.xlsx")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    # learn swaps in a whole folder: --overwrite replaces a model, never the user's files
+    result = run_cli("learn", mine / "filled.xlsx", "--out", mine, *LEARN_FAST, "--overwrite")
+    assert result.exit_code == 6 and "not a model (filled.xlsx, notes.txt, v1)" in result.output
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before and (mine / "v1").is_dir()
+    # "--out ." is the folder itself
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = run_cli("learn", mine / "filled.xlsx", "--out", ".", *LEARN_FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((here / "model.json").read_text())["training"]["labels"] == BUDGET
+
+
 def test_learn_without_views(run_cli, workbook: Path, tmp_path: Path) -> None:
     filled = tmp_path / "filled.xlsx"
     fill(workbook, filled)
