@@ -3,7 +3,9 @@
 A run writes OUT, ``OUT.summary.json``, ``OUT.lock`` and the shard store ``OUT.parts/``.
 Before any work starts:
 
-- OUT must be a regular file or not exist yet. A symbolic link is written through: the
+- OUT must not exist yet, be empty, or be an output of this program (Parquet or CSV with
+  its columns): a typo in --out must not replace a spreadsheet, a photo or a manifest
+  that happen to bear that name. A symbolic link is written through: the
   link stays and its target is replaced atomically, with the lock, summary and parts
   beside the target. A device (``/dev/null``), pipe, socket or folder is refused.
 - None of the four may be one of the run's inputs (the manifest, the model, ``--root``);
@@ -16,11 +18,15 @@ Before any work starts:
 
 from __future__ import annotations
 
+import csv
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .errors import OutputError, UsageError
 
@@ -83,6 +89,32 @@ def resolve_output(out: Path) -> Path:
         raise OutputError(f"{parts} (the run's shard store) exists and is not a folder; "
                           "remove it or choose another --out")
     return out
+
+
+def refuse_foreign(out: Path) -> None:
+    """Refuse an existing, non-empty OUT that this program did not write."""
+    if out.is_file() and out.stat().st_size > 0 and not is_tag_output(out):
+        raise OutputError(f"--out {out} exists and is not a catalog-tagger output; tag replaces only its own "
+                          "outputs: move that file away or choose another --out")
+
+
+# The first columns of every output this program has written (schema versions 1 and 2).
+_OWN_COLUMNS = ("image_id", "path", "status")
+
+
+def is_tag_output(path: Path) -> bool:
+    """Whether ``path`` is a Parquet or CSV file whose first columns are a tag output's."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+        if head.startswith(b"PAR1"):
+            names = pq.read_schema(path).names
+        else:
+            first = head.decode("utf-8-sig", errors="replace").splitlines()[:1]
+            names = next(csv.reader(first), []) if first else []
+    except (OSError, pa.ArrowException, csv.Error):
+        return False
+    return tuple(names[: len(_OWN_COLUMNS)]) == _OWN_COLUMNS
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -38,7 +38,7 @@ from .config import TagConfig
 from .engines import Engine, LocalEngine, PendingShard, ShardJob
 from .errors import Interrupted, OutputError, SourceError, TooManyErrors, UsageError
 from .incremental import PreviousOutput
-from .outputs import lock_path, open_lock, parts_dir, refuse_inputs, resolve_output, summary_path
+from .outputs import lock_path, open_lock, parts_dir, refuse_foreign, refuse_inputs, resolve_output, summary_path
 from .precision_check import PrecisionCheck, check_target_precision
 from .schema import MODEL_STATUSES, SCHEMA_VERSION, output_schema
 from .shards import chunks, commit_shard, is_committed, prepare_parts, run_identity, shard_fingerprint, shard_path
@@ -170,6 +170,7 @@ def run_tagging(config: TagConfig, progress: bool = True, engine: Engine | None 
     source = open_source(config.source, config.extensions, config.path_col, config.id_col, config.root)
     loaded = load_model(config.model)
     check_inputs(config, out, loaded)
+    refuse_foreign(out)  # after check_inputs, whose message is the more precise one
     threshold, rule = review_threshold(config, loaded)
     previous = (PreviousOutput.load(config.incremental, loaded.ident, config.hash, threshold, config.top_k)
                 if config.incremental else None)

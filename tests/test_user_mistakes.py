@@ -140,6 +140,24 @@ def test_tags_parquet_and_tags_csv_keep_their_own_summaries(photos, tmp_path):
         assert json.loads((tmp_path / f"{name}.summary.json").read_text())["output"].endswith(name)
 
 
+def test_out_that_names_someone_elses_file_is_refused_and_the_file_kept(photos, tmp_path):
+    prices = tmp_path / "prices.csv"
+    prices.write_text("sku,price\nA1,10\n")
+    stock = tmp_path / "stock.parquet"
+    pd.DataFrame({"sku": ["A1"], "qty": [3]}).to_parquet(stock)
+    for victim, extra in ((prices, ()), (stock, ()), (photos / "sku-10001.jpg", ("--format", "csv"))):
+        before = victim.read_bytes()
+        proc = cli("tag", photos, "--out", victim, "--workers", "0", *extra)
+        assert "not a catalog-tagger output" in one_sentence(proc, 6)
+        assert victim.read_bytes() == before
+    # its own outputs, and an empty file, are replaced as before
+    (tmp_path / "empty.csv").touch()
+    for out in ("tags.parquet", "tags.csv", "empty.csv"):
+        for _ in range(2):
+            proc = cli("tag", photos, "--out", tmp_path / out, "--workers", "0")
+            assert proc.returncode == 0, proc.stderr
+
+
 # -- 3: an empty or shrunken source keeps yesterday's output -----------------------------------
 
 
