@@ -195,7 +195,9 @@ def run_tagging(config: TagConfig, progress: bool = True, engine: Engine | None 
                                        config.shard_size, parts, previous, summary, progress)
             summary.seconds = time.perf_counter() - started
             summary.images_by_node = dict(engine.images_by_node)
-            check_not_shrunk(config, sum(pq.read_metadata(p).num_rows for p in shard_paths), previous, parts)
+            statuses = pa.concat_arrays([pq.read_table(p, columns=["status"])["status"].combine_chunks()
+                                         for p in shard_paths]) if shard_paths else pa.array([], pa.string())
+            check_not_shrunk(config, len(statuses), previous, parts, _found(statuses), out.exists())
             if config.target_precision is not None:
                 summary.precision_check = check_target_precision(loaded.card, threshold, _confidences(shard_paths))
                 if not summary.precision_check.verified:
@@ -263,16 +265,30 @@ def check_inputs(config: TagConfig, out: Path, loaded: LoadedModel) -> None:
                         ("--root", config.root)], previous=config.incremental)
 
 
-def check_not_shrunk(config: TagConfig, total: int, previous: PreviousOutput | None, parts: Path) -> None:
+def _found(statuses: pa.Array) -> int:
+    """Rows whose file was there (any status but ``missing``)."""
+    return len(statuses) - int(pc.sum(pc.equal(statuses, "missing")).as_py() or 0)
+
+
+def check_not_shrunk(config: TagConfig, total: int, previous: PreviousOutput | None, parts: Path,
+                     found: int | None = None, out_exists: bool = False) -> None:
     """Stop before replacing the output when the source looks gone rather than changed.
 
     An unmounted share or an emptied folder looks like a source with no images; writing
-    that would wipe yesterday's output (and, in a nightly job, the history it carries).
+    that would wipe yesterday's output (and, in a nightly job, the history it carries). A
+    manifest whose share is unmounted still lists every photo, each one ``missing``: so the
+    photos ``found`` count too, against the previous output's and, with an output to keep,
+    against none at all.
     """
     if total == 0:
         if parts.is_dir() and len(list(parts.iterdir())) <= 1:  # nothing but our run state
             shutil.rmtree(parts, ignore_errors=True)
         raise SourceError(f"{config.source} has no images to tag (an unmounted share or an emptied folder?); "
+                          "nothing was written and the previous output is kept")
+    found = total if found is None else found
+    if found == 0 and (out_exists or previous is not None):
+        _drop_shards(parts)
+        raise SourceError(f"none of the {total} files listed by {config.source} exists (an unmounted share?); "
                           "nothing was written and the previous output is kept")
     if previous is None or config.max_shrink >= 1:
         return
@@ -282,6 +298,19 @@ def check_not_shrunk(config: TagConfig, total: int, previous: PreviousOutput | N
                           f"{1 - total / before:.0%} fewer (more than --max-shrink {config.max_shrink:g}); "
                           "the previous output is kept: check the source, or re-run with --resume and "
                           "a larger --max-shrink if the catalog really shrank")
+    found_before = _found(previous.table["status"].combine_chunks())
+    if found_before and found < found_before * (1 - config.max_shrink):
+        _drop_shards(parts)
+        raise SourceError(f"only {found} of the {total} files listed by {config.source} exist, against "
+                          f"{found_before} in {config.incremental}, {1 - found / found_before:.0%} fewer (more than "
+                          f"--max-shrink {config.max_shrink:g}; an unmounted share?); the previous output is "
+                          "kept: check the source, or re-run with a larger --max-shrink if the files are gone")
+
+
+def _drop_shards(parts: Path) -> None:
+    """Remove this run's shard store (ours: ``prepare_parts`` checked it): shards that
+    recorded a share's files as missing must not be resumed once it is back."""
+    shutil.rmtree(parts, ignore_errors=True)
 
 
 def review_threshold(config: TagConfig, loaded: LoadedModel) -> tuple[float, str]:

@@ -184,6 +184,32 @@ def test_a_source_that_shrank_beyond_max_shrink_keeps_the_previous_output(photos
     assert len(pd.read_parquet(out)) == 1
 
 
+def test_a_manifest_whose_share_is_unmounted_keeps_the_previous_output(photos, tmp_path):
+    # The manifest still lists every photo, so the run is not empty: every row would be
+    # "missing", and the nightly job would then back that file up over yesterday's too.
+    manifest = tmp_path / "products.csv"
+    pd.DataFrame({"path": [str(p) for p in sorted(photos.iterdir())]}).to_csv(manifest, index=False)
+    out = tmp_path / "tags.parquet"
+    assert cli("tag", manifest, "--out", out, "--workers", "0").returncode == 0
+    before = out.read_bytes()
+    photos.rename(tmp_path / "unmounted")
+    for extra in ((), ("--incremental", out), ("--incremental", out, "--resume-if-possible")):
+        assert "unmounted share" in one_sentence(cli("tag", manifest, "--out", out, "--workers", "0", *extra), 5)
+        assert out.read_bytes() == before and not (tmp_path / "tags.parquet.parts").exists()
+    # one of three left: beyond --max-shrink 0.5; then the share is back and the night goes on
+    (tmp_path / "unmounted").rename(photos)
+    moved = sorted(photos.iterdir())[:2]
+    for p in moved:
+        p.rename(tmp_path / p.name)
+    assert "--max-shrink" in one_sentence(cli("tag", manifest, "--out", out, "--incremental", out,
+                                              "--workers", "0"), 5)
+    for p in moved:
+        (tmp_path / p.name).rename(p)
+    proc = cli("tag", manifest, "--out", out, "--incremental", out, "--resume-if-possible", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert set(pd.read_parquet(out)["status"]) == {"ok"}
+
+
 # -- 6: the nightly job after a killed night and a change ---------------------------------------
 
 
