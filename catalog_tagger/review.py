@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from .config import ReviewConfig
 from .errors import DataError, OutputError, UsageError
+from .outputs import refuse_inputs
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,8 @@ def build_review(config: ReviewConfig) -> ReviewResult:
     kind = out.suffix.lower()
     if kind not in (".xlsx", ".html", ".htm"):
         raise UsageError(f"--out {out}: the review file must end in .xlsx or .html")
+    # Even with --overwrite: the workbook being excluded holds a person's answers.
+    refuse_inputs(out, [("TAGS", Path(config.tags)), *(("--exclude", Path(p)) for p in config.exclude)])
     if out.exists() and not config.overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     frame, classes = read_tags(config.tags)

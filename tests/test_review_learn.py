@@ -172,11 +172,17 @@ def test_review_excludes_photos_already_reviewed(run_cli, workbook: Path, tags: 
     assert len(second) == 40 - BUDGET and not first & second
 
 
-def test_review_refuses_to_overwrite(run_cli, workbook: Path, tags: Path) -> None:
+def test_review_refuses_to_overwrite(run_cli, workbook: Path, tags: Path, tmp_path: Path) -> None:
     before = workbook.read_bytes()
     result = run_cli("review", tags, "--budget", 5, "--out", workbook)
     assert result.exit_code == 6 and "--overwrite" in result.output
     assert workbook.read_bytes() == before
+    # the workbook it is told to exclude holds a person's answers: never replaced, even when asked
+    result = run_cli("review", tags, "--budget", 5, "--exclude", workbook, "--out", workbook, "--overwrite")
+    assert result.exit_code == 2 and "same file as --exclude" in result.output
+    assert workbook.read_bytes() == before
+    result = run_cli("review", tags, "--budget", 5, "--exclude", workbook, "--out", tmp_path / "next.xlsx")
+    assert result.exit_code == 0, result.output
 
 
 def test_round_trip_review_fill_learn_tag(run_cli, workbook: Path, tmp_path: Path) -> None:
