@@ -477,6 +477,9 @@ def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str 
     """Fit calibration for a saved model on the validation split its card describes, and
     store it in the card (the weights, and so their sha256, stay as they are)."""
     loaded = load_model(path)
+    if (loaded.card.get("calibration") or {}).get("source") == "own_photos":
+        raise UsageError(f"{path} was calibrated by learn on the reviewed photos, which calibrate does not have; "
+                         "refitting on Fashion-MNIST would replace that: run learn again to recalibrate")
     train_config = TrainConfig.from_dict(loaded.card.get("training", {}).get("config", {}))
     if data_dir is not None:
         train_config = dataclasses.replace(train_config, data_dir=data_dir)

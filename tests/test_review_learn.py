@@ -258,6 +258,18 @@ def test_learn_never_replaces_a_folder_that_holds_more_than_a_model(run_cli, wor
     assert json.loads((here / "model.json").read_text())["training"]["labels"] == BUDGET
 
 
+def test_calibrate_keeps_the_calibration_learn_fitted_on_reviewed_photos(run_cli, workbook: Path,
+                                                                           tmp_path: Path) -> None:
+    filled = tmp_path / "filled.xlsx"
+    fill(workbook, filled)
+    assert run_cli("learn", filled, "--out", tmp_path / "model", *LEARN_FAST, "--views", "0").exit_code == 0
+    card = tmp_path / "model" / "model.json"
+    before = card.read_bytes()
+    result = run_cli("calibrate", "--model", tmp_path / "model")
+    assert result.exit_code == 2 and "run learn again" in result.output
+    assert card.read_bytes() == before
+
+
 def test_learn_without_views(run_cli, workbook: Path, tmp_path: Path) -> None:
     filled = tmp_path / "filled.xlsx"
     fill(workbook, filled)
