@@ -11,7 +11,7 @@
 #   EXTRA_ARGS    more options for `catalog-tagger tag`  (e.g. "--id-col sku --model /models/v3")
 set -euo pipefail
 
-: "${CATALOG_DIR:?set CATALOG_DIR to the folder or manifest to tag}"
+if [ -z "${CATALOG_DIR:-}" ]; then echo "set CATALOG_DIR to the folder or manifest to tag" >&2; exit 2; fi  # 2: bad usage, as the tagger's
 OUTPUT_DIR=${OUTPUT_DIR:-/var/lib/catalog-tagger}
 TAGGER=${TAGGER:-catalog-tagger}
 MAX_ERROR_RATE=${MAX_ERROR_RATE:-0.05}

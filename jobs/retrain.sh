@@ -11,7 +11,7 @@
 #   EXTRA_ARGS  more options for `catalog-tagger train`          (e.g. "--epochs 30 --device cuda")
 set -euo pipefail
 
-: "${MODEL_DIR:?set MODEL_DIR to the published model (a link this script manages)}"
+if [ -z "${MODEL_DIR:-}" ]; then echo "set MODEL_DIR to the published model (a link this script manages)" >&2; exit 2; fi  # 2: bad usage, as the tagger's
 RUNS_DIR=${RUNS_DIR:-/var/lib/catalog-tagger/runs}
 TAGGER=${TAGGER:-catalog-tagger}
 EXTRA_ARGS=${EXTRA_ARGS:-}

@@ -20,7 +20,7 @@
 #   EXTRA_ARGS  more options for `catalog-tagger learn`          (e.g. "--epochs 20")
 set -euo pipefail
 
-: "${MODEL_DIR:?set MODEL_DIR to the folder of the published model}"
+if [ -z "${MODEL_DIR:-}" ]; then echo "set MODEL_DIR to the folder of the published model" >&2; exit 2; fi  # 2: bad usage, as the tagger's
 FILLED_DIR=${FILLED_DIR:-/var/lib/catalog-tagger/review/filled}
 RUNS_DIR=${RUNS_DIR:-/var/lib/catalog-tagger/runs}
 OUTPUT_DIR=${OUTPUT_DIR:-/var/lib/catalog-tagger}
@@ -28,6 +28,10 @@ TAGS_FILE=${TAGS_FILE:-$OUTPUT_DIR/tags.parquet}
 TAGGER=${TAGGER:-catalog-tagger}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
+if [ ! -d "$FILLED_DIR" ]; then
+  echo "FILLED_DIR $FILLED_DIR is not a folder (a typo, or an unmounted share?); kept the published model" >&2
+  exit 2
+fi
 files=()
 while IFS= read -r -d '' f; do files+=("$f"); done \
   < <(find "$FILLED_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' \) ! -name '.*' -print0 2>/dev/null | sort -z)
@@ -58,10 +62,6 @@ PY
 )
 echo "$verdict"
 if [ "${verdict%%:*}" = "publish" ]; then
-  mkdir -p "$MODEL_DIR"
-  # Weights first, then the card, each by rename: a reader sees a consistent pair or refuses a mismatch.
-  cp "$run/model.json" "$MODEL_DIR/.model.json.new" && cp "$run/model.safetensors" "$MODEL_DIR/.model.safetensors.new"
-  mv "$MODEL_DIR/.model.safetensors.new" "$MODEL_DIR/model.safetensors"
-  mv "$MODEL_DIR/.model.json.new" "$MODEL_DIR/model.json"
+  bash "$(dirname "$0")/publish-model.sh" "$run" "$MODEL_DIR"
   echo "published $run -> $MODEL_DIR"
 fi

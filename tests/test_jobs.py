@@ -53,3 +53,47 @@ def test_nightly_job_tags_with_the_published_model_once_there_is_one(tmp_path):
     assert rows.loc[rows["status"] == "ok", "model"].str.startswith("learned-week-1@").all()  # all re-tagged
     summary = json.loads((tmp_path / "tags.parquet.summary.json").read_text())
     assert summary["carried_over"] == 0
+
+
+def test_jobs_say_what_is_missing_with_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("CATALOG_DIR", "MODEL_DIR")}
+    for job in ("nightly-tag.sh", "weekly-learn.sh", "retrain.sh"):
+        done = subprocess.run(["bash", str(REPO / "jobs" / job)], capture_output=True, text=True, env=env)
+        assert done.returncode == 2 and "set " in done.stderr, (job, done.stderr)
+    # a mistyped FILLED_DIR is not "nothing filled yet": cron must hear of it
+    done = subprocess.run(["bash", str(REPO / "jobs" / "weekly-learn.sh")], capture_output=True, text=True,
+                          env={**env, "MODEL_DIR": str(tmp_path / "m"), "FILLED_DIR": str(tmp_path / "typo")})
+    assert done.returncode == 2 and "typo" in done.stderr and not (tmp_path / "m").exists()
+
+
+def test_publishing_a_model_swaps_card_and_weights_as_a_pair(tmp_path):
+    """Each model's weights are published under their own name before the card that names them,
+    so a kill between two renames leaves a pair that loads; stale weights go last."""
+    import torch
+
+    from catalog_tagger.checkpoint import load_model, save_model
+
+    bundled = load_model()
+    runs = []
+    for i in range(2):  # two models with different weights
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        with torch.no_grad():
+            for p in bundled.model.parameters():
+                p.add_(0.001 * (i + 1))
+        save_model(bundled.model, {k: v for k, v in bundled.card.items() if k not in ("weights_file",)},
+                   run / "model.safetensors")
+        runs.append(run)
+    published = tmp_path / "published"
+    for run in runs:
+        done = subprocess.run(["bash", str(REPO / "jobs" / "publish-model.sh"), str(run), str(published)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        card = json.loads((run / "model.json").read_text())
+        loaded = load_model(published)
+        assert loaded.card["weights_sha256"] == card["weights_sha256"]
+        assert [p.name for p in published.glob("*.safetensors")] == [f"model-{card['weights_sha256'][:12]}.safetensors"]
+    # a kill after the weights, before the card: the published card still loads with its own weights
+    before = load_model(published).card["weights_sha256"]
+    (published / f"model-{'0' * 12}.safetensors").write_bytes((runs[0] / "model.safetensors").read_bytes())
+    assert load_model(published).card["weights_sha256"] == before
