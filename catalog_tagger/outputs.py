@@ -80,14 +80,17 @@ def resolve_output(out: Path) -> Path:
         raise OutputError(f"output folder does not exist: {out.parent}")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise OutputError(f"the output folder {out.parent} is not writable")
-    for path, what in ((summary_path(out), "summary"), (lock_path(out), "lock")):
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise OutputError(f"{path} (the run's {what} file) exists and is not a plain file; "
+    try:
+        for path, what in ((summary_path(out), "summary"), (lock_path(out), "lock")):
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise OutputError(f"{path} (the run's {what} file) exists and is not a plain file; "
+                                  "remove it or choose another --out")
+        parts = parts_dir(out)
+        if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+            raise OutputError(f"{parts} (the run's shard store) exists and is not a folder; "
                               "remove it or choose another --out")
-    parts = parts_dir(out)
-    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
-        raise OutputError(f"{parts} (the run's shard store) exists and is not a folder; "
-                          "remove it or choose another --out")
+    except OSError as exc:  # a name too long for the file system once the suffixes are added
+        raise OutputError(f"cannot use --out {out}: {exc.strerror or exc} (for {exc.filename})") from exc
     return out
 
 

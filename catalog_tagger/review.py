@@ -268,6 +268,8 @@ def build_review(config: ReviewConfig) -> ReviewResult:
     refuse_inputs(out, [("TAGS", Path(config.tags)), *(("--exclude", Path(p)) for p in config.exclude)])
     if out.exists() and not config.overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if not out.absolute().parent.is_dir():  # a typo, as tag refuses it: no folders made on a guess
+        raise OutputError(f"output folder does not exist: {out.absolute().parent}")
     frame, classes = read_tags(config.tags)
     if classes is None:
         from .checkpoint import load_model

@@ -181,6 +181,8 @@ def test_review_refuses_to_overwrite(run_cli, workbook: Path, tags: Path, tmp_pa
     result = run_cli("review", tags, "--budget", 5, "--exclude", workbook, "--out", workbook, "--overwrite")
     assert result.exit_code == 2 and "same file as --exclude" in result.output
     assert workbook.read_bytes() == before
+    result = run_cli("review", tags, "--budget", 5, "--out", tmp_path / "typo" / "next.xlsx")
+    assert result.exit_code == 6 and "does not exist" in result.output and not (tmp_path / "typo").exists()
     result = run_cli("review", tags, "--budget", 5, "--exclude", workbook, "--out", tmp_path / "next.xlsx")
     assert result.exit_code == 0, result.output
 

@@ -158,6 +158,12 @@ def test_out_that_names_someone_elses_file_is_refused_and_the_file_kept(photos, 
             assert proc.returncode == 0, proc.stderr
 
 
+def test_an_out_name_too_long_once_its_suffixes_are_added_is_one_sentence(photos, tmp_path):
+    out = tmp_path / ("a" * 245 + ".csv")  # fits, but OUT.summary.json does not
+    assert "too long" in one_sentence(cli("tag", photos, "--out", out, "--workers", "0"), 6)
+    assert not out.exists()
+
+
 # -- 3: an empty or shrunken source keeps yesterday's output -----------------------------------
 
 
