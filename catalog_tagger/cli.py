@@ -341,7 +341,7 @@ def calibrate(ctx: click.Context, model: Path, data_dir: Path | None, device: st
 @click.option("--out", type=click.Path(path_type=Path), default=default(ReviewConfig, "out"), show_default=True,
               help="review.xlsx (a workbook) or review.html (one self-contained page).")
 @click.option("--exclude", type=click.Path(path_type=Path), multiple=True,
-              help="Earlier review workbook or CSV whose photos are not asked again (repeatable).")
+              help="Earlier review workbook, CSV or HTML page whose photos are not asked again (repeatable).")
 @click.option("--random-share", type=FiniteFloatRange(0, 1), default=default(ReviewConfig, "random_share"),
               show_default=True, help="Share of the budget drawn at random, for an unbiased precision estimate.")
 @click.option("--flagged-share", type=FiniteFloatRange(0, 1), default=default(ReviewConfig, "flagged_share"),

@@ -129,15 +129,23 @@ def _topk(row: dict[str, Any]) -> list[tuple[str, float]]:
 
 def reviewed_keys(files: list[Path]) -> set[str]:
     """Paths and image ids already in earlier review workbooks or CSVs (filled or not)."""
+    from .review_html import read_review_html
     from .workbook import read_review_rows
 
     keys: set[str] = set()
     for file in files:
-        for row in read_review_rows(Path(file), require_filled=False):
-            if row.path:
-                keys.add(os.path.abspath(row.path))
-            if row.image_id:
-                keys.add("id:" + row.image_id)
+        if Path(file).suffix.lower() in (".html", ".htm"):  # a page handed out: its photos were asked
+            try:
+                rows = read_review_html(Path(file))
+            except OSError as exc:
+                raise DataError(f"cannot read {file}: {exc.strerror or exc}") from exc
+        else:
+            rows = [(row.image_id or "", row.path or "") for row in read_review_rows(Path(file), require_filled=False)]
+        for image_id, path in rows:
+            if path:
+                keys.add(os.path.abspath(path))
+            if image_id:
+                keys.add("id:" + image_id)
     return keys
 
 

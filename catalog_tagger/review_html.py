@@ -13,6 +13,7 @@ import base64
 import html
 import json
 from collections.abc import Sequence
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,6 +108,27 @@ def write_review_html(out: Path, items: Sequence[ReviewItem], classes: Sequence[
         total=len(items), download=_js(Path(out).stem + "-labels.csv"),
     )
     atomic_write(Path(out), page.encode("utf-8"))
+
+
+class _RowReader(HTMLParser):
+    """The photos of a review page: its rows' ``data-id`` and ``data-path``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "tr" and values.get("data-path") is not None:
+            self.rows.append((values.get("data-id") or "", values["data-path"] or ""))
+
+
+def read_review_html(path: Path) -> list[tuple[str, str]]:
+    """(image_id, path) of every photo a review page asks about, as ``write_review_html`` wrote it."""
+    reader = _RowReader()
+    reader.feed(Path(path).read_text("utf-8", errors="replace"))
+    reader.close()
+    return reader.rows
 
 
 def _js(value: object) -> str:

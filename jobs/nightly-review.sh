@@ -29,7 +29,7 @@ log="$OUTPUT_DIR/logs/review-$(date -u +%Y%m%dT%H%M%SZ).log"
 args=(-q review "$tags" --budget "$BUDGET" --out "$out" --seed "$stamp")
 while IFS= read -r -d '' earlier; do
   args+=(--exclude "$earlier")
-done < <(find "$REVIEW_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' \) ! -name '.*' -print0 | sort -z)
+done < <(find "$REVIEW_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' -o -name '*.html' \) ! -name '.*' -print0 | sort -z)
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
 args+=($EXTRA_ARGS)
 

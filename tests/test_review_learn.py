@@ -550,6 +550,22 @@ def test_nightly_review_job_never_asks_twice(tags: Path, tmp_path: Path) -> None
     assert len(a) == 25 and len(b) == 40 - 25 and not a & b
 
 
+def test_nightly_review_job_never_asks_twice_in_html_either(tags: Path, tmp_path: Path) -> None:
+    from catalog_tagger.review_html import read_review_html
+
+    shutil.copy(tags, tmp_path / "tags.parquet")
+    env = {"OUTPUT_DIR": str(tmp_path), "BUDGET": "25", "FORMAT": "html"}
+    assert _job("nightly-review.sh", **env).returncode == 0
+    (first,) = (tmp_path / "review").glob("review-*.html")
+    first.rename(first.with_name("handed-out-1.html"))
+    done = _job("nightly-review.sh", **env)
+    assert done.returncode == 0, done.stderr
+    (second,) = (tmp_path / "review").glob("review-*.html")
+    a = {p for _, p in read_review_html(first.with_name("handed-out-1.html"))}
+    b = {p for _, p in read_review_html(second)}
+    assert len(a) == 25 and len(b) == 40 - 25 and not a & b
+
+
 def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tags: Path, tmp_path: Path) -> None:
     filled, models = tmp_path / "filled", tmp_path / "published"
     filled.mkdir()
