@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .checkpoint import atomic_write_bytes  # noqa: E402
+
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    """Draw into memory, then write atomically: a report read while being rewritten (or a
+    run killed halfway) never leaves half a picture."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return path
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -41,10 +46,8 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def write_confusion_csv(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     frame = pd.DataFrame(cm, index=pd.Index(classes, name="true"), columns=list(classes))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, encoding="utf-8")
-    return path
+    atomic_write_bytes(Path(path), frame.to_csv().encode("utf-8"))
+    return Path(path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
