@@ -54,10 +54,11 @@ def test_empty_manifest_file_is_a_run_error(run_cli, tmp_path):
 
 def test_header_only_manifest_is_refused_and_keeps_the_previous_output(run_cli, tmp_path):
     (tmp_path / "m.csv").write_text("path,sku\n")
-    (tmp_path / "t.parquet").write_bytes(b"yesterday")
+    pd.DataFrame({"image_id": ["a"], "path": ["a.jpg"], "status": ["ok"]}).to_parquet(tmp_path / "t.parquet")
+    yesterday = (tmp_path / "t.parquet").read_bytes()  # an output of an earlier run (its first columns)
     result = _tag(run_cli, tmp_path / "m.csv", tmp_path / "t.parquet")
     assert result.exit_code == 5 and "no images to tag" in result.output
-    assert (tmp_path / "t.parquet").read_bytes() == b"yesterday"
+    assert (tmp_path / "t.parquet").read_bytes() == yesterday
     assert not (tmp_path / "t.parquet.parts").exists()
 
 

@@ -109,7 +109,7 @@ def test_out_that_is_a_pipe_or_a_folder_is_refused_before_any_work(photos, tmp_p
 def test_out_that_is_a_symlink_is_written_through_to_its_target(photos, tmp_path):
     target = tmp_path / "real" / "tags.parquet"
     target.parent.mkdir()
-    target.write_bytes(b"yesterday")
+    pd.DataFrame({"image_id": ["a"], "path": ["a.jpg"], "status": ["ok"]}).to_parquet(target)  # yesterday's
     link = tmp_path / "tags.parquet"
     link.symlink_to(target)
     proc = cli("tag", photos, "--out", link, "--workers", "0")
