@@ -314,8 +314,20 @@ def thumbnails(paths: list[str], size: int, workers: int | None = None) -> Itera
     if workers <= 1 or len(paths) < 64 or "fork" not in multiprocessing.get_all_start_methods():
         yield from (thumbnail_jpeg(p, size) for p in paths)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
         yield from pool.imap(functools.partial(thumbnail_jpeg, size=size), paths, chunksize=16)
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        # Workers leave when the queue tells them to. Not terminate() (Pool's `with`): it
+        # stops them with SIGTERM, and a handler the calling process installed for SIGTERM,
+        # which forked workers inherit, can swallow it; the join then waits for ever (seen
+        # in the test suite once Ray had been loaded in the process).
+        pool.close()
+    finally:
+        pool.join()
 
 
 def thumbnail_jpeg(path: str, size: int) -> bytes | None:
