@@ -46,7 +46,7 @@ from .model import FASHION_MNIST_CLASSES, GarmentNet, build_model
 from .reject import ReviewedScores, tune_detector
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
-from .self_training import CatalogPool, load_pool, pseudo_labels
+from .self_training import CatalogPool, load_pool, pseudo_labels, with_photos
 from .tagging import default_workers
 from .train import WEIGHTS_FILE, StepSettings, TrainState, lr_schedule, train_one_epoch
 from .workbook import ReviewRow, read_review_rows
@@ -239,8 +239,15 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     for f in range(k):
         train, held = (fold != f) & inside, fold == f
         log.info("fold %d/%d: fine-tuning on %d photos", f + 1, k, int(train.sum()))
-        # The fold's own teacher labels the pool: the held-out fold never reaches its model.
-        model, taken = _tuned(init, reviewed, train, (fold != f) & ~inside, pool, config, device, config.seed + f)
+        # The fold's own teacher labels the pool: the held-out fold's labels never reach its
+        # model. Its photos do join the pool, unlabeled, as the catalog's photos join the final
+        # student's: so the evidence read off this fold comes from a student that self-trained
+        # on the photos it predicts, as the final student did on the photos it will tag.
+        fold_pool = None if pool is None else with_photos(
+            pool, reviewed.images[held], reviewed.views[held[reviewed.view_of]],
+            np.cumsum(held)[reviewed.view_of[held[reviewed.view_of]]] - 1)
+        model, taken = _tuned(init, reviewed, train, (fold != f) & ~inside, fold_pool, config, device,
+                              config.seed + f)
         pseudo_counts.append(taken)
         oof_all[held] = predict_logits_array(model, reviewed.images[held], device, eval_batch)
     final, taken = _tuned(init, reviewed, inside, ~inside, pool, config, device, config.seed + k)

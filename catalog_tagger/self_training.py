@@ -87,6 +87,20 @@ def load_pool(tags: Path, reviewed: list[str], config: ModelConfig, sample: int,
                        sampled_out=len(paths) - len(picked))
 
 
+def with_photos(pool: CatalogPool, images: np.ndarray, views: np.ndarray, view_of: np.ndarray) -> CatalogPool:
+    """``pool`` with more unlabeled photos (``views[i]`` a view of ``images[view_of[i]]``), each
+    with at most as many views as the pool's photos have."""
+    per_photo = int(np.bincount(pool.view_of).max()) if len(pool.view_of) else 0
+    rank = np.zeros(len(view_of), np.int64)  # each view's number among its photo's views
+    for photo in np.unique(view_of):
+        at = np.flatnonzero(view_of == photo)
+        rank[at] = np.arange(len(at))
+    keep = rank < per_photo
+    return CatalogPool(pool.paths, np.concatenate([pool.images, images]), np.concatenate([pool.views, views[keep]]),
+                       np.concatenate([pool.view_of, view_of[keep] + len(pool.images)]), pool.tagged, pool.flagged,
+                       pool.sampled_out)
+
+
 def pseudo_labels(teacher: torch.nn.Module, pool: CatalogPool, share: float, device: torch.device) -> PseudoLabels:
     """The teacher's labels on the ``share`` of the pool photos it gives the highest softmax."""
     logits = predict_logits_array(teacher, pool.images, device, 1024)
