@@ -332,6 +332,20 @@ def test_pseudo_labels_take_the_surest_share_of_photos_and_their_views() -> None
         (0, 0), (1, 1), (3, 0), (4, 1), (7, 1), (7, 1)]  # photo 2 and its view are out: unsure
 
 
+def test_held_out_photos_join_a_pool_with_as_many_views_as_its_photos() -> None:
+    from catalog_tagger.self_training import CatalogPool, with_photos
+
+    images = np.array([0, 1], np.uint8).reshape(2, 1, 1, 1)
+    pool = CatalogPool(["a", "b"], images, images[[0, 0, 1, 1]] + np.uint8(10), np.array([0, 0, 1, 1]), 2, 0, 0)
+    held = np.array([5, 6], np.uint8).reshape(2, 1, 1, 1)
+    held_views = np.array([50, 51, 52, 60], np.uint8).reshape(4, 1, 1, 1)  # 3 views of photo 5, 1 of photo 6
+    joined = with_photos(pool, held, held_views, np.array([0, 0, 0, 1]))
+    assert joined.images.ravel().tolist() == [0, 1, 5, 6]
+    assert joined.views.ravel().tolist() == [10, 10, 11, 11, 50, 51, 60]  # at most 2 views a photo, as the pool's
+    assert joined.view_of.tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert joined.paths == pool.paths and joined.tagged == 2
+
+
 def test_jittered_views_train_only_with_their_own_photo() -> None:
     """A fold trains on the views of its own photos, never on a view of a photo it predicts."""
     labels = np.array([0, 1, -1, 2, 1])  # -1: marked other
