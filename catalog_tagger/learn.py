@@ -72,14 +72,18 @@ class ReviewedSet:
     views: np.ndarray
     view_of: np.ndarray
 
+    def photos(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Images of the ``rows`` (a bool mask), their views, and the row of the result each
+        view is of."""
+        kept_views = rows[self.view_of]
+        return self.images[rows], self.views[kept_views], (np.cumsum(rows) - 1)[self.view_of[kept_views]]
+
     def in_scope(self) -> ReviewedSet:
         """Only the rows labeled with a class."""
         keep = self.labels >= 0
-        new_index = np.cumsum(keep) - 1
-        kept_views = keep[self.view_of]
+        images, views, view_of = self.photos(keep)
         return ReviewedSet([p for p, k in zip(self.paths, keep) if k], self.labels[keep], self.random[keep],
-                           self.images[keep], self.other, self.missing, self.undecodable,
-                           self.views[kept_views], new_index[self.view_of[kept_views]])
+                           images, self.other, self.missing, self.undecodable, views, view_of)
 
     def training_set(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of the in-scope ``rows`` (a bool mask), their views included."""
@@ -243,9 +247,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
         # model. Its photos do join the pool, unlabeled, as the catalog's photos join the final
         # student's: so the evidence read off this fold comes from a student that self-trained
         # on the photos it predicts, as the final student did on the photos it will tag.
-        fold_pool = None if pool is None else with_photos(
-            pool, reviewed.images[held], reviewed.views[held[reviewed.view_of]],
-            np.cumsum(held)[reviewed.view_of[held[reviewed.view_of]]] - 1)
+        fold_pool = None if pool is None else with_photos(pool, *reviewed.photos(held))
         model, taken = _tuned(init, reviewed, train, (fold != f) & ~inside, fold_pool, config, device,
                               config.seed + f)
         pseudo_counts.append(taken)

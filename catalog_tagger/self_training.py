@@ -91,10 +91,10 @@ def with_photos(pool: CatalogPool, images: np.ndarray, views: np.ndarray, view_o
     """``pool`` with more unlabeled photos (``views[i]`` a view of ``images[view_of[i]]``), each
     with at most as many views as the pool's photos have."""
     per_photo = int(np.bincount(pool.view_of).max()) if len(pool.view_of) else 0
-    rank = np.zeros(len(view_of), np.int64)  # each view's number among its photo's views
-    for photo in np.unique(view_of):
-        at = np.flatnonzero(view_of == photo)
-        rank[at] = np.arange(len(at))
+    order = np.argsort(view_of, kind="stable")
+    starts = np.searchsorted(view_of[order], view_of[order])  # where each view's photo begins
+    rank = np.empty(len(view_of), np.int64)  # each view's number among its photo's views
+    rank[order] = np.arange(len(order)) - starts
     keep = rank < per_photo
     return CatalogPool(pool.paths, np.concatenate([pool.images, images]), np.concatenate([pool.views, views[keep]]),
                        np.concatenate([pool.view_of, view_of[keep] + len(pool.images)]), pool.tagged, pool.flagged,
