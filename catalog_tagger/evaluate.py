@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from .checkpoint import load_model, output_folder
 from .config import EvalConfig
 from .data.fashion_mnist import load_split
 from .data.labeled import LabeledArrays, load_labeled
+from .errors import OutputError
 from .metrics import classification_report
 from .model import FASHION_MNIST_CLASSES
 from .out_of_scope import Detector
@@ -37,7 +40,7 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
     """
     own = config.data is not None or config.manifest is not None
     if config.out is not None:
-        output_folder(Path(config.out))
+        refuse_foreign_report(output_folder(Path(config.out)))
     loaded = load_model(config.model, expected_classes=None if own else FASHION_MNIST_CLASSES)
     device = resolve_device(config.device)
     model = prepare_model(loaded.model, device)
@@ -68,6 +71,31 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
         result["report_files"] = [str(p) for p in write_report(
             Path(config.out), result, test.images, test.labels, raw, probs, loaded.classes, config.grid_size)]
     return result
+
+
+# The files of one report, metrics.json first: it is written first, so a folder holding any of
+# the others but no metrics.json of ours did not get them from evaluate (not even a killed one).
+REPORT_FILES = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "predictions.png",
+                "reliability.png", "coverage_precision.png")
+
+
+def is_report_metrics(path: Path) -> bool:
+    """Whether ``path`` is a metrics.json that evaluate wrote (its keys, not just its name)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"n", "accuracy", "per_class", "confusion_matrix", "model"} <= metrics.keys()
+
+
+def refuse_foreign_report(out: Path) -> None:
+    """Refuse a report folder holding files of a report's names that evaluate did not write
+    (the user's own metrics.json, a confusion_matrix.png of another tool): replacing our own
+    earlier report is what a rerun is for; replacing theirs is not."""
+    present = [name for name in REPORT_FILES if os.path.lexists(out / name)]
+    if present and not is_report_metrics(out / REPORT_FILES[0]):
+        raise OutputError(f"--out {out} already holds {', '.join(present)} not written by catalog-tagger evaluate; "
+                          "they are left alone: choose another --out")
 
 
 def in_scope_flagged(detector: Detector, model: torch.nn.Module, test: LabeledArrays, correct: np.ndarray,
@@ -113,8 +141,7 @@ def write_report(out: Path, result: dict[str, Any], images: np.ndarray, labels: 
     right = np.flatnonzero(predicted == labels)
     rng = np.random.default_rng(0)
     pick = np.concatenate([rng.permutation(wrong)[: grid_size // 2], rng.permutation(right)])[:grid_size]
-    paths = [out / "metrics.json", out / "confusion_matrix.csv", out / "confusion_matrix.png", out / "predictions.png",
-             out / "reliability.png", out / "coverage_precision.png"]
+    paths = [out / name for name in REPORT_FILES]
     atomic_write_json(paths[0], {k: v for k, v in result.items() if k != "report_files"})
     write_confusion_csv(cm, classes, paths[1])
     plot_confusion_matrix(cm, classes, paths[2])

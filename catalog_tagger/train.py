@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -477,6 +478,11 @@ def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str 
     """Fit calibration for a saved model on the validation split its card describes, and
     store it in the card (the weights, and so their sha256, stay as they are)."""
     loaded = load_model(path)
+    card_mode = stat.S_IMODE(loaded.card_path.stat().st_mode)
+    if not card_mode & stat.S_IWUSR:
+        # Root could replace it anyway; the owner made it read-only to keep it as it is.
+        raise OutputError(f"the card {loaded.card_path} is read-only; calibrate would replace it: "
+                          "make it writable (chmod u+w) to recalibrate")
     if (loaded.card.get("calibration") or {}).get("source") == "own_photos":
         raise UsageError(f"{path} was calibrated by learn on the reviewed photos, which calibrate does not have; "
                          "refitting on Fashion-MNIST would replace that: run learn again to recalibrate")
@@ -490,7 +496,7 @@ def calibrate_saved_model(path: Path, data_dir: Path | None = None, device: str 
     logits = predict_logits_array(model, data.val.images, torch_device, train_config.eval_batch_size)
     card = {**loaded.card, "calibration": calibrate(logits, data.val.labels),
             "out_of_scope": _fit_out_of_scope(loaded.model, data)}
-    atomic_write_json(loaded.card_path, card)
+    atomic_write_json(loaded.card_path, card, mode=card_mode)  # a card kept private stays private
     return card
 
 

@@ -503,6 +503,33 @@ def test_calibrate_on_a_folder_it_cannot_write_is_one_sentence(tmp_path, model_c
         model_copy.chmod(0o755)
 
 
+def test_calibrate_leaves_a_read_only_card_as_it_is(tmp_path, model_copy):
+    card = model_copy / "model.json"
+    before = card.read_bytes()
+    card.chmod(0o444)  # root included: the owner said "keep this as it is"
+    assert "read-only" in one_sentence(cli("calibrate", "--model", model_copy), 6)
+    assert card.read_bytes() == before and stat.S_IMODE(card.stat().st_mode) == 0o444
+
+
+def test_evaluate_leaves_report_files_it_did_not_write_alone(tmp_path, tiny_data_dir):
+    out = tmp_path / "results"
+    out.mkdir()
+    theirs = out / "metrics.json"
+    theirs.write_text('{"revenue": 12}')
+    evaluate = ("evaluate", "--data-dir", tiny_data_dir, "--device", "cpu", "--out", out)
+    assert "metrics.json" in one_sentence(cli(*evaluate), 6)
+    assert theirs.read_text() == '{"revenue": 12}'
+    theirs.unlink()
+    (out / "predictions.png").write_bytes(b"their picture")  # no metrics.json of ours beside it
+    assert "predictions.png" in one_sentence(cli(*evaluate), 6)
+    assert (out / "predictions.png").read_bytes() == b"their picture"
+    (out / "predictions.png").unlink()
+    for _ in range(2):  # a report of ours is replaced by the next run
+        proc = cli(*evaluate)
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads(theirs.read_text())["n"] > 0
+
+
 def test_a_trained_model_is_readable_by_other_accounts(tmp_path, tiny_data_dir):
     model = tmp_path / "model"
     proc = cli("train", "--out", model, "--data-dir", tiny_data_dir, "--epochs", "1", "--val-size", "200",
