@@ -27,7 +27,10 @@ With ``--other FOLDER`` (``images/`` and ``labels.csv`` with ``file,article``) t
 mixes those out-of-scope photos into the in-scope ones (issue 18): the person types
 ``other`` for them, and each row also reports, on the photos not reviewed, the share of
 out-of-scope photos caught (``status = out_of_scope``) and of in-scope ones flagged, alone
-and together with the rows sent to review (``needs_review``).
+and together with the rows sent to review (``needs_review``). With ``--other-as-classes`` the
+person types the item's article instead (``Watches``), ``learn`` gets ``--new-classes``, and
+each row reports the share of those photos labeled with their article (``new_class_accuracy``,
+per article in ``new_class_per_article``) beside the garments' accuracy.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import pandas as pd
 TAGGER = [sys.executable, "-m", "catalog_tagger"]
 TARGETS = (0.90, 0.95)
 OTHER = "other"  # what the person types for a photo of none of the classes
+NEW_CLASSES: set[str] = set()  # with --other-as-classes: the articles typed as classes of one's own
 
 
 def run(*args: object) -> None:
@@ -84,6 +88,14 @@ def score(tags: Path, truth: dict[str, str], reviewed: set[str]) -> dict[str, fl
     got = {"n": int(len(frame)), "accuracy": float(right.mean()),
            "precision": float(right[accepted].mean()) if accepted.any() else float("nan"),
            "coverage": float(accepted.mean())}
+    new = expected.isin(NEW_CLASSES).to_numpy()
+    if new.any():  # --other-as-classes: classes of the retailer's own, and what they cost the garments
+        hit = (frame["label"] == expected).to_numpy()
+        got.update({"n_new": int(new.sum()), "new_class_accuracy": float(hit[new].mean()),
+                    "garment_accuracy": float(hit[~new].mean()),
+                    "new_class_flagged": float((frame["status"] == "out_of_scope").to_numpy()[new].mean()),
+                    "new_class_per_article": {a: float(hit[(expected == a).to_numpy()].mean())
+                                              for a in sorted(set(expected[new]))}})
     if other.any():  # issue 18: both sides of the reject decision
         got.update({"n_other": int(other.sum()), "other_caught": float(flagged[other].mean()),
                     "other_caught_or_review": float(held[other].mean()),
@@ -114,6 +126,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("photos", type=Path, nargs="+", help="folder(s) with images/ and labels.csv")
     parser.add_argument("--other", type=Path, help="folder of out-of-scope photos (labels.csv: file,article) to mix in")
+    parser.add_argument("--other-as-classes", action="store_true",
+                        help="type the --other photos' article (a class of one's own) and learn with --new-classes")
     parser.add_argument("--strategies", nargs="+", default=["review", "random"], choices=["review", "random"])
     parser.add_argument("--targets", action=argparse.BooleanOptionalAction, default=True,
                         help="also tag at each --target-precision (three tags a loop instead of one)")
@@ -140,7 +154,11 @@ def main() -> None:
     folders = [*args.photos, *([args.other] if args.other else [])]
     labels = pd.concat([pd.read_csv(f / "labels.csv").assign(
         file=lambda t, f=f: [os.path.abspath(f / x) for x in t["file"]],
-        label_name=lambda t, f=f: OTHER if f == args.other else t["label_name"]) for f in folders], ignore_index=True)
+        label_name=lambda t, f=f: (t["article"] if args.other_as_classes else OTHER) if f == args.other
+        else t["label_name"]) for f in folders], ignore_index=True)
+    if args.other_as_classes:
+        NEW_CLASSES.update(pd.read_csv(args.other / "labels.csv")["article"])
+        args.learn_args = f"{args.learn_args} --new-classes".strip()
     truth = dict(zip(labels["file"], labels["label_name"]))
     dataset = " + ".join(f.resolve().name for f in folders)
     catalogs = ({dataset: labels} if not args.styles else

@@ -405,6 +405,9 @@ def _size(n: int) -> str:
               show_default=True, help="With --catalog: learn this share of its photos, those the model is surest of.")
 @click.option("--catalog-sample", type=click.IntRange(1), default=default(LearnConfig, "catalog_sample"),
               show_default=True, help="With --catalog: at most this many of its photos (a random draw).")
+@click.option("--new-classes", is_flag=True,
+              help="A correct_label that is none of the classes nor 'other' (e.g. Watch) becomes a class of "
+                   f"your own once it has {LearnConfig.min_new_class_labels} photos (default: refused).")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: one per core).")
 @device_option
 @click.option("--overwrite", is_flag=True, help="Replace the model in --out if there is one.")
@@ -412,8 +415,8 @@ def _size(n: int) -> str:
 @reports_errors
 def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path | None, folds: int, epochs: int,
           views: int, batch_size: int, lr: float, seed: int, max_in_scope_flagged: float, outlier_weight: float,
-          catalog: Path | None, pseudo_share: float, catalog_sample: int, workers: int | None, device: str,
-          overwrite: bool) -> None:
+          catalog: Path | None, pseudo_share: float, catalog_sample: int, new_classes: bool, workers: int | None,
+          device: str, overwrite: bool) -> None:
     """Fine-tune on filled review workbooks or CSVs (path + correct_label) into a new model folder.
 
     Empty correct_label cells are not reviewed; 'other' (none of the classes) tunes the
@@ -426,12 +429,18 @@ def learn(ctx: click.Context, reviewed: tuple[Path, ...], out: Path, init: Path 
                          batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers,
                          overwrite=overwrite, max_in_scope_flagged=max_in_scope_flagged,
                          outlier_weight=outlier_weight, catalog=catalog, pseudo_share=pseudo_share,
-                         catalog_sample=catalog_sample)
+                         catalog_sample=catalog_sample, new_classes=new_classes)
     card = learn_from(config, command=_command_line(ctx), progress=_progress(ctx))
     m, t = card["metrics"], card["training"]
     click.echo(f"learned from {t['labels']} photos ({t['other']} other, {t['missing_photos']} missing, "
                f"{t['skipped_images']} undecodable) in {t['seconds']:.0f}s: cross-validated accuracy "
                f"{m['cv_accuracy']:.3f} (was {m['init_accuracy']:.3f}) -> {out}", err=True)
+    if t["new_classes"]:
+        click.echo("classes of your own: " + ", ".join(f"{c} ({n} photos)" for c, n in t["new_classes"].items()),
+                   err=True)
+    if t["too_few_for_a_class"]:
+        click.echo(f"learned as 'other' until each has {LearnConfig.min_new_class_labels} photos: "
+                   + ", ".join(f"{c} ({n})" for c, n in t["too_few_for_a_class"].items()), err=True)
     if t["self_training"]:
         st = t["self_training"]
         click.echo(f"self-training: {st['pseudo_labeled']} of {st['pool']} catalog photos not reviewed learned with "

@@ -211,3 +211,9 @@ class LearnConfig:
     # 900; each photo taken adds 3 examples to every student's passes, so 2,000 keeps learn
     # at 200 labels within about 10 minutes on 2 cores.
     catalog_sample: int = 2000
+    # A reviewed label that is none of the model's classes nor `other` names a class of the
+    # retailer's own (new_classes.py); off: such a label is refused as a typo would be.
+    new_classes: bool = False
+    # Fewer reviewed photos than this cannot be dealt into cross-validation folds that each
+    # train on and test the class: such a name is learned as `other` until more are labeled.
+    min_new_class_labels: int = 5

@@ -43,6 +43,7 @@ from .data.labeled import class_key, decode_paths, decoders_for, jittered_views
 from .errors import DataError, OutputError
 from .metrics import CONFIDENCE_LEVEL, clopper_pearson_lower
 from .model import FASHION_MNIST_CLASSES, GarmentNet, build_model
+from .new_classes import ClassPlan, extend_model, near_known, plan_classes
 from .reject import ReviewedScores, tune_detector
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
@@ -71,6 +72,12 @@ class ReviewedSet:
     # Jittered conversions of the photos (photo_jitter.py) and the row each one is a view of.
     views: np.ndarray
     view_of: np.ndarray
+    # What the indices point into: the model's classes, then any of the retailer's own.
+    plan: ClassPlan
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.plan.classes
 
     def photos(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Images of the ``rows`` (a bool mask), their views, and the row of the result each
@@ -83,7 +90,7 @@ class ReviewedSet:
         keep = self.labels >= 0
         images, views, view_of = self.photos(keep)
         return ReviewedSet([p for p, k in zip(self.paths, keep) if k], self.labels[keep], self.random[keep],
-                           images, self.other, self.missing, self.undecodable, views, view_of)
+                           images, self.other, self.missing, self.undecodable, views, view_of, self.plan)
 
     def training_set(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of the in-scope ``rows`` (a bool mask), their views included."""
@@ -93,35 +100,58 @@ class ReviewedSet:
         return images, np.concatenate([self.labels[rows], self.labels[self.view_of[with_views]]])
 
 
-def collect_labels(files: list[Path], classes: tuple[str, ...]) -> tuple[list[ReviewRow], list[int], int]:
-    """Filled rows of every review file (deduplicated by path), their class index (-1 for
-    ``other``), and the number of rows left empty. Refuses unknown labels and conflicts."""
+@dataclass(frozen=True)
+class Labels:
+    """The filled rows of the review files (deduplicated by path), each with its class index
+    (-1 for ``other``), and the class list those indices point into."""
+
+    rows: list[ReviewRow]
+    indices: list[int]
+    empty: int  # rows left unfilled: not reviewed
+    plan: ClassPlan  # the model's classes, and any of the retailer's own (--new-classes)
+
+
+def collect_labels(files: list[Path], classes: tuple[str, ...], new_classes: bool = False,
+                   min_new_class_labels: int = LearnConfig.min_new_class_labels) -> Labels:
+    """The reviewed labels of ``files``. A label that is none of ``classes`` nor ``other`` is
+    refused, unless ``new_classes``: then it names a class of its own (new_classes.py), or,
+    with too few photos yet, counts as ``other``. Refuses conflicting labels of one photo."""
     keys = {class_key(c): i for i, c in enumerate(classes)}
     if class_key(OTHER) in keys:
         raise DataError(f"the model has a class named like {OTHER!r}; learn cannot tell it from 'not one of these'")
     keys[class_key(OTHER)] = -1
-    first: dict[str, tuple[ReviewRow, int]] = {}
+    filled: list[ReviewRow] = []
     empty = 0
     for file in files:
         for row in read_review_rows(Path(file), require_filled=False):
             if not row.correct_label:
                 empty += 1
                 continue
-            index = keys.get(class_key(row.correct_label))
-            if index is None:
-                raise DataError(f"{row.where}: {row.correct_label!r} is not one of the model's classes "
-                                f"({', '.join(classes)}) nor {OTHER!r}")
-            path = os.path.normpath(os.path.abspath(row.path))
-            if path in first and first[path][1] != index:
-                prev, prev_index = first[path]
-                raise DataError(f"{prev.where} and {row.where} label the same photo {path} differently "
-                                f"({_name(prev_index, classes)!r}, {_name(index, classes)!r}); keep one")
-            if path not in first:
-                first[path] = (ReviewRow(row.where, row.image_id, path, row.correct_label, row.why), index)
-    if not first:
+            label = row.correct_label
+            if class_key(label) not in keys:
+                if not new_classes:
+                    raise DataError(f"{row.where}: {label!r} is not one of the model's classes "
+                                    f"({', '.join(classes)}) nor {OTHER!r}; to learn it as a class of your own, "
+                                    "pass --new-classes")
+                typo = near_known(label, (*classes, OTHER))
+                if typo is not None:
+                    raise DataError(f"{row.where}: {label!r} is not one of the model's classes; did you mean "
+                                    f"{typo!r}? (a class of your own must not look like one of them)")
+            filled.append(ReviewRow(row.where, row.image_id, os.path.normpath(os.path.abspath(row.path)),
+                                    label, row.why))
+    if not filled:
         raise DataError(f"no row of {', '.join(map(str, files))} has correct_label filled in; label some photos first")
-    rows = [r for r, _ in first.values()]
-    return rows, [i for _, i in first.values()], empty
+    first: dict[str, ReviewRow] = {}
+    for row in filled:
+        prev = first.setdefault(row.path, row)
+        if class_key(prev.correct_label) != class_key(row.correct_label):
+            raise DataError(f"{prev.where} and {row.where} label the same photo {row.path} differently "
+                            f"({prev.correct_label!r}, {row.correct_label!r}); keep one")
+    rows = list(first.values())
+    plan = plan_classes(classes, [r.correct_label for r in rows if class_key(r.correct_label) not in keys],
+                        min_new_class_labels)
+    keys.update({class_key(c): i for i, c in enumerate(plan.classes)})
+    return Labels(rows, [keys.get(class_key(r.correct_label), -1) for r in rows], empty, plan)
 
 
 def _name(index: int, classes: tuple[str, ...]) -> str:
@@ -134,7 +164,11 @@ def _workers(config: LearnConfig) -> int:
 
 
 def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> ReviewedSet:
-    rows, indices, _ = collect_labels(list(config.reviewed), loaded.classes)
+    labels = collect_labels(list(config.reviewed), loaded.classes, config.new_classes, config.min_new_class_labels)
+    for name, n in labels.plan.too_few.items():
+        log.warning("%r has %d reviewed photos, fewer than the %d a class of your own needs: learned as %r for now",
+                    name, n, config.min_new_class_labels, OTHER)
+    rows, indices = labels.rows, labels.indices
     other = sum(1 for i in indices if i < 0)
     kept = list(zip(rows, indices))
     # A photo deleted since the review is skipped and counted, not fatal: catalogs change
@@ -155,7 +189,7 @@ def load_reviewed(config: LearnConfig, loaded: LoadedModel, progress: bool) -> R
     paths = [r.path for r, _ in kept]
     views, view_of = jittered_views(paths, loaded.config, config.views, config.seed, workers, progress)
     return ReviewedSet(
-        paths=paths, labels=np.array([i for _, i in kept], np.int64),
+        plan=labels.plan, paths=paths, labels=np.array([i for _, i in kept], np.int64),
         random=np.array([r.why == WHY_RANDOM for r, _ in kept], bool), images=images, other=other,
         missing=missing, undecodable=problems, views=views, view_of=view_of,
     )
@@ -192,7 +226,9 @@ def fine_tune(init: LoadedModel, images: np.ndarray, labels: np.ndarray, config:
     warmup = max(1, int(recipe.warmup_epochs * max(1, len(images) // batch_size)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, steps, warmup))
     # The simulated "worn by a model" augmentation knows Fashion-MNIST's garments only.
-    worn = recipe.worn_prob if init.classes == FASHION_MNIST_CLASSES and init.config.channels == 1 else 0.0
+    # Classes of the retailer's own come after Fashion-MNIST's, whose indices it reads.
+    fashion = init.classes[:len(FASHION_MNIST_CLASSES)] == FASHION_MNIST_CLASSES
+    worn = recipe.worn_prob if fashion and init.config.channels == 1 else 0.0
     images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     state = TrainState(model, optimizer, scheduler, generator)
     settings = StepSettings(batch_size, device, recipe.label_smoothing, worn)  # float32, as before
@@ -225,8 +261,11 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
     started = time.perf_counter()
     out = Path(os.path.abspath(config.out))  # "--out ." names the folder itself
     _check_out(out, config.overwrite)
-    init = load_model(config.init)
-    reviewed = load_reviewed(config, init, progress)
+    start = load_model(config.init)
+    reviewed = load_reviewed(config, start, progress)
+    # With classes of the retailer's own, every fine-tune starts from the model with a head
+    # for them; the model as it was stays the reference the card compares against.
+    init = extend_model(start, reviewed.classes, reviewed.images, reviewed.labels)
     pool = None
     if config.catalog is not None:
         workers = _workers(config)
@@ -259,7 +298,7 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
         init.detector, config.max_in_scope_flagged, config.min_other, config.fallback_flag_share)
     data = reviewed.in_scope()
     n = len(data.labels)
-    before = predict_logits_array(init.model.to(device).eval(), data.images, device, eval_batch)
+    before = predict_logits_array(start.model.to(device).eval(), data.images, device, eval_batch)
     oof = oof_all[inside]
 
     calibration = calibrate(oof, data.labels)
@@ -312,6 +351,10 @@ def learn(config: LearnConfig, command: str = "", progress: bool = False) -> dic
             "labels": n,
             "jittered_views": len(data.views),
             "other": data.other,
+            # --new-classes: the retailer's own classes learned here, and names still too rare
+            # to be one (their photos were learned as `other`), with their reviewed photos.
+            "new_classes": reviewed.plan.new,
+            "too_few_for_a_class": reviewed.plan.too_few,
             "self_training": None if pool is None else {
                 "catalog": str(config.catalog), "tagged_rows": pool.tagged, "flagged_left_out": pool.flagged,
                 "sampled_out": pool.sampled_out, "pool": len(pool.paths), "share": config.pseudo_share,

@@ -41,16 +41,30 @@ tr.done {{ background: #f1fff1; }}
 <script>
 const CLASSES = {classes};
 const KEY = "catalog-tagger-review:" + {key};
+const NEW_CLASS = "\u0000new";  // the menu entry that asks for a name of the reviewer's own
 const saved = JSON.parse(localStorage.getItem(KEY) || "{{}}");
-for (const sel of document.querySelectorAll("select.label")) {{
-  for (const name of ["", ...CLASSES]) {{
-    const opt = document.createElement("option");
-    opt.value = name; opt.textContent = name || "(not reviewed)";
-    sel.appendChild(opt);
-  }}
+const own = JSON.parse(localStorage.getItem(KEY + ":classes") || "[]");
+const selects = document.querySelectorAll("select.label");
+function option(name, text) {{
+  const opt = document.createElement("option");
+  opt.value = name; opt.textContent = text || name;
+  return opt;
+}}
+function addOwn(name) {{
+  own.push(name); localStorage.setItem(KEY + ":classes", JSON.stringify(own));
+  for (const sel of selects) sel.insertBefore(option(name), sel.lastChild);
+}}
+for (const sel of selects) {{
+  for (const name of ["", ...CLASSES, ...own]) sel.appendChild(option(name, name || "(not reviewed)"));
+  sel.appendChild(option(NEW_CLASS, "class of your own\u2026"));
   const id = sel.closest("tr").dataset.path;
   if (saved[id]) sel.value = saved[id];
   sel.addEventListener("change", () => {{
+    if (sel.value === NEW_CLASS) {{
+      const typed = (prompt("Name of the class (learn it with --new-classes), e.g. Watch:") || "").trim();
+      if (typed && !CLASSES.includes(typed) && !own.includes(typed)) addOwn(typed);
+      sel.value = typed || saved[id] || "";
+    }}
     saved[id] = sel.value; localStorage.setItem(KEY, JSON.stringify(saved)); update();
   }});
 }}

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 REVIEW_SHEET = "review"
 CLASSES_SHEET = "classes"
 INSTRUCTIONS = ("Pick the true garment type of each photo in the correct_label column (drop-down); choose "
-                "'{other}' if it is none of these, leave it empty to skip. Rows marked 'random' measure the "
+                "'{other}' if it is none of these (or type a name of your own, e.g. Watch, and learn with "
+                "--new-classes), leave it empty to skip. Rows marked 'random' measure the "
                 "model: label them all. Then run: catalog-tagger learn THIS_FILE --out NEW_MODEL_FOLDER")
 # How far down a sheet ``learn`` looks for the header row (an instruction line or two above it is fine).
 HEADER_SEARCH_ROWS = 20
@@ -107,10 +108,13 @@ def write_review_workbook(out: Path, items: Sequence[ReviewItem], classes: Seque
     for i, name in enumerate([*classes, OTHER], start=1):
         lists.cell(row=i, column=1, value=name)
     lists.sheet_state = "hidden"
+    # A warning, not a stop: a name typed in (Watch) is how a reviewer asks for a class of
+    # their own (learn --new-classes); learn still refuses one that looks like a typo of a class.
     validation = DataValidation(
         type="list", formula1=f"={CLASSES_SHEET}!$A$1:$A${len(classes) + 1}", allow_blank=True,
-        showErrorMessage=True, errorTitle="Not a class",
-        error=f"Choose one of the model's classes, or '{OTHER}' if the photo shows none of them.",
+        showErrorMessage=True, errorStyle="warning", errorTitle="Not one of the classes",
+        error=f"Keep this name only for a class of your own (learn --new-classes); choose '{OTHER}' if the "
+              "photo shows none of the classes.",
     )
     ws.add_data_validation(validation)
     if items:

@@ -16,7 +16,8 @@
 #               model is sure (learn --catalog). Off unless set: on home photos the precision
 #               it accepted at --target-precision 0.90 fell to 86% (docs/review-loop.md)
 #   TAGGER      the catalog-tagger executable                    (default: catalog-tagger on PATH)
-#   EXTRA_ARGS  more options for `catalog-tagger learn`          (e.g. "--epochs 20")
+#   EXTRA_ARGS  more options for `catalog-tagger learn`          (e.g. "--new-classes": names
+#               reviewers type for items of none of the classes become classes of their own)
 set -euo pipefail
 
 if [ -z "${MODEL_DIR:-}" ]; then echo "set MODEL_DIR to the folder of the published model" >&2; exit 2; fi  # 2: bad usage, as the tagger's

@@ -24,6 +24,7 @@ import torch
 from catalog_tagger.config import LearnConfig
 from catalog_tagger.learn import ReviewedSet, bounded_table, clopper_pearson_lower
 from catalog_tagger.model import FASHION_MNIST_CLASSES
+from catalog_tagger.new_classes import ClassPlan
 from catalog_tagger.review import OTHER
 from catalog_tagger.workbook import CLASSES_SHEET, REVIEW_SHEET, read_review_rows
 
@@ -352,7 +353,9 @@ def test_jittered_views_train_only_with_their_own_photo() -> None:
     images = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1)
     view_of = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3])  # photo 4's second view did not decode
     views = (100 + view_of).astype(np.uint8).reshape(-1, 1, 1, 1)
-    reviewed = ReviewedSet([f"p{i}" for i in range(5)], labels, np.zeros(5, bool), images, 1, [], [], views, view_of)
+    plan = ClassPlan(FASHION_MNIST_CLASSES, {}, {})
+    reviewed = ReviewedSet([f"p{i}" for i in range(5)], labels, np.zeros(5, bool), images, 1, [], [], views, view_of,
+                           plan)
     x, y = reviewed.training_set(np.array([True, False, True, True, False]))
     assert sorted(x.ravel().tolist()) == [0, 3, 100, 100, 103, 103]  # photos 0 and 3, twice each; not `other`
     assert dict(zip(x.ravel().tolist(), y.tolist())) == {0: 0, 3: 2, 100: 0, 103: 2}
@@ -501,6 +504,10 @@ def test_review_page_in_a_real_browser_gives_back_labels(page: Path, tmp_path: P
 const sels = document.querySelectorAll("select.label");
 sels[0].value = "Coat"; sels[0].dispatchEvent(new Event("change"));
 sels[2].value = "other"; sels[2].dispatchEvent(new Event("change"));
+// A class of the reviewer's own: the last entry asks for its name, which every menu then offers.
+window.prompt = () => "  Watch ";
+sels[3].value = sels[3].options[sels[3].options.length - 1].value; sels[3].dispatchEvent(new Event("change"));
+sels[4].value = "Watch"; sels[4].dispatchEvent(new Event("change"));
 const pre = document.createElement("pre"); pre.id = "csv-out"; pre.textContent = labelsCsv();
 document.body.appendChild(pre);
 </script></body>"""
@@ -516,7 +523,7 @@ document.body.appendChild(pre);
     downloaded.write_text(text)
     rows = read_review_rows(downloaded)
     assert len(rows) == 10
-    assert [r.correct_label for r in rows][:3] == ["Coat", "", "other"]
+    assert [r.correct_label for r in rows][:6] == ["Coat", "", "other", "Watch", "Watch", ""]
     assert {r.why for r in rows} == {"random", "typical"}  # learn knows the random slice
     assert {r.path for r in rows} <= set(pd.read_parquet(page.parent / "tags.parquet")["path"])
 
@@ -533,6 +540,7 @@ def test_workbook_opens_in_libreoffice_with_thumbnails_and_dropdown(workbook: Pa
     assert len(ws._images) == BUDGET
     (validation,) = ws.data_validations.dataValidation
     assert validation.type == "list" and CLASSES_SHEET in validation.formula1
+    assert validation.errorStyle == "warning"  # a name of one's own can be typed (learn --new-classes)
     with open(tmp_path / "csv" / workbook.with_suffix(".csv").name, newline="") as fh:
         lines = list(csv.reader(fh))
     assert "correct_label" in lines[1] and len(lines) == BUDGET + 2
@@ -775,3 +783,76 @@ def test_review_reads_flagged_rows_of_a_csv_tag_output_and_leaves_failed_ones_ou
     frame, _ = read_tags(tags)
     assert list(frame["image_id"]) == ["a.jpg", "b.jpg"] and list(frame["flagged"]) == [False, True]
     assert list(frame["label"]) == ["Coat", "out of scope"]  # no "nearest": label_2 is the second nearest
+
+
+# ---------------------------------------------------------------- classes of one's own (issue 18)
+
+def test_a_name_typed_for_photos_of_no_class_becomes_a_class_of_its_own(run_cli, mixed_catalog, mixed_review,
+                                                                       tmp_path) -> None:
+    catalog, truth = mixed_catalog
+    tags, rows = mixed_review
+    typed = {p: ("Chessboard" if "chess" in p else truth[p]) for p in rows["path"]}
+    watches = [p for p in rows["path"] if "shape" in p][:2]
+    typed.update({p: "Watch" for p in watches})  # too few photos for a class yet
+    fill(tags.with_suffix(".xlsx"), tmp_path / "filled.xlsx", typed)
+    learn = ("learn", tmp_path / "filled.xlsx", "--out", tmp_path / "model", "--epochs", "20", "--folds", "3",
+             "--workers", "0", "--device", "cpu")
+    refused = run_cli(*learn)
+    assert refused.exit_code == 3 and "pass --new-classes" in refused.output
+    result = run_cli(*learn, "--new-classes")
+    assert result.exit_code == 0, result.output
+    chess = [p for p in rows["path"] if "chess" in p]
+    assert f"classes of your own: Chessboard ({len(chess)} photos)" in result.output
+    assert "learned as 'other' until each has 5 photos: Watch (2)" in result.output
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["classes"] == card["model_config"]["classes"] == [*FASHION_MNIST_CLASSES, "Chessboard"]
+    assert card["training"]["new_classes"] == {"Chessboard": len(chess)}
+    assert card["training"]["too_few_for_a_class"] == {"Watch": 2}
+    assert card["metrics"]["cv_per_class_accuracy"]["Chessboard"] >= 0.8  # out of fold
+
+    # tag names them, the photos nobody reviewed included, and keeps the garments
+    out = tmp_path / "again.parquet"
+    assert run_cli("-q", "tag", catalog, "--model", tmp_path / "model", "--out", out, "--workers", "0").exit_code == 0
+    again = pd.read_parquet(out).set_index("path")
+    boards = [p for p in truth if "chess" in p]
+    assert (again.loc[boards, "label"] == "Chessboard").mean() >= 0.8
+    garments = [p for p, t in truth.items() if t != OTHER]
+    assert (again.loc[garments, "label"] == pd.Series(truth)[garments]).mean() >= 0.7
+    # the next review offers the new class in its drop-down
+    book = tmp_path / "next.xlsx"
+    assert run_cli("review", out, "--budget", "5", "--out", book).exit_code == 0
+    names = [c.value for c in openpyxl.load_workbook(book)[CLASSES_SHEET]["A"]]
+    assert names == [*FASHION_MNIST_CLASSES, "Chessboard", OTHER]
+
+
+def test_a_typo_of_a_class_is_not_a_class_of_its_own(run_cli, workbook: Path, tmp_path: Path) -> None:
+    def typo(ws, col) -> None:
+        _label_all(ws, col)
+        ws.cell(5, col["correct_label"]).value = "Shrit"
+
+    bad = _edit(workbook, tmp_path / "bad.xlsx", typo)
+    result = run_cli("learn", bad, "--out", tmp_path / "model", "--new-classes", *LEARN_FAST)
+    assert result.exit_code == 3 and "row 5: 'Shrit' is not one of the model's classes; did you mean 'Shirt'?" \
+        in result.output, result.output
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_new_class_starts_imprinted_and_leaves_the_old_ones_alone() -> None:
+    from catalog_tagger.checkpoint import load_model
+    from catalog_tagger.new_classes import extend_model, plan_classes
+
+    plan = plan_classes(FASHION_MNIST_CLASSES, ["Watch"] * 6 + ["watch "] + ["Belt"] * 4, min_labels=5)
+    assert plan.new == {"Watch": 7} and plan.too_few == {"Belt": 4}
+    start = load_model(None)
+    rng = np.random.default_rng(0)
+    rings = np.zeros((6, 1, 28, 28), np.uint8)
+    yy, xx = np.mgrid[:28, :28]
+    for i, r in enumerate(rng.integers(6, 11, 6)):
+        rings[i, 0][np.abs(np.hypot(yy - 14, xx - 14) - r) < 1.5] = 220
+    grown = extend_model(start, plan.classes, rings, np.full(6, 10))
+    assert grown.classes == (*FASHION_MNIST_CLASSES, "Watch") and start.classes == FASHION_MNIST_CLASSES
+    x = torch.from_numpy(rings).float() / 255
+    with torch.no_grad():
+        old, new = start.model.eval()(x), grown.model.eval()(x)
+    assert torch.allclose(new[:, :10], old, atol=1e-5)  # the garments score as before
+    assert (new.argmax(1) == 10).all()  # the class's own photos score it highest before any training
