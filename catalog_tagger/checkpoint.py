@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 
 from .errors import ModelError, OutputError
 from .model import GarmentNet, ModelConfig, build_model
@@ -133,6 +134,10 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         # mkstemp makes 0600; models and reports are meant to be shared
         os.chmod(tmp, shareable_mode() if mode is None else mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        # A failed write names no file; the message (cli.reports_errors) should name this one.
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -170,16 +175,16 @@ def save_model(model: GarmentNet, card: dict[str, Any], weights_path: Path) -> d
     card_path = weights_path.with_suffix(".json")
     replaced = _weights_named_by(card_path) if card_path.exists() else None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = weights_path.with_name(f".{weights_path.name}.tmp")
     # One metadata key only: safetensors writes its metadata map in hash order, so two keys
-    # would make identical weights hash differently from run to run.
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, shareable_mode())  # another account (cron, a colleague) must be able to read it
-    sha = sha256_file(tmp)
+    # would make identical weights hash differently from run to run. Serialised in memory:
+    # safetensors' own writer turns a full disk into an opaque SafetensorError.
+    data = save(state, metadata={"format": "pt"})
+    sha = hashlib.sha256(data).hexdigest()
     target = weights_path
     if target.exists():
         target = weights_path.with_name(f"{weights_path.stem}-{sha[:12]}{weights_path.suffix}")
-    os.replace(tmp, target)
+    # shareable: another account (cron, a colleague) must be able to read it
+    atomic_write_bytes(target, data)
     card = {
         "card_format": CARD_FORMAT,
         **card,
@@ -332,11 +337,11 @@ def bundled_model_path() -> Path:
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
     """Atomically save resumable training state (tensors and plain Python values only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    # Serialised in memory (a few MB) and written by atomic_write_bytes: torch.save onto a
+    # full disk fails with an opaque RuntimeError and leaves its temporary file behind.
+    torch.save(state, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def load_training_state(path: Path) -> dict[str, Any]:

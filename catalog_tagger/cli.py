@@ -23,7 +23,7 @@ import click
 
 from . import __version__
 from .config import DEVICES, EvalConfig, LearnConfig, ReviewConfig, TagConfig, TrainConfig
-from .errors import EXIT_CODES, CatalogTaggerError, OutputError
+from .errors import EXIT_CODES, CatalogTaggerError, OutputError, as_output_error
 from .writers import WRITERS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +57,12 @@ def reports_errors(func: F) -> F:
         except CatalogTaggerError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            error = as_output_error(exc)
+            if error is None:
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

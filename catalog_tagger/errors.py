@@ -6,6 +6,8 @@ command. Anything else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class CatalogTaggerError(Exception):
     """A foreseeable problem, reported as one line on stderr."""
@@ -53,6 +55,20 @@ class Interrupted(CatalogTaggerError):
     """Stopped by a signal after committing finished work; --resume continues."""
 
     exit_code = 130
+
+
+# A full disk, a quota, a file-size limit or a file system mounted read-only can meet any
+# write (a lock file, a report, a checkpoint, a model folder), not only the ones that check for it.
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def as_output_error(exc: OSError) -> OutputError | None:
+    """The ``OutputError`` (exit 6) that an ``OSError`` of a full or read-only disk stands
+    for; None for any other ``OSError``, which stays a bug with its traceback."""
+    if exc.errno not in _CANNOT_WRITE:
+        return None
+    what = f"cannot write {exc.filename}" if exc.filename else "cannot write the output"
+    return OutputError(f"{what}: {exc.strerror or exc}; make room (or a writable place) and run the command again")
 
 
 # Documented in --help and the README; tests check the two stay in sync with this table.

@@ -420,7 +420,11 @@ def _write_model_folder(out: Path, model: GarmentNet, card: dict[str, Any], over
     staging = out.with_name(f".{out.name}.new")
     shutil.rmtree(staging, ignore_errors=True)
     output_folder(staging)
-    saved = save_model(model.cpu(), card, staging / WEIGHTS_FILE)
+    try:
+        saved = save_model(model.cpu(), card, staging / WEIGHTS_FILE)
+    except BaseException:  # a full disk, a kill: no half-written folder is left beside --out
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     card.update(saved)
     if out.exists():
         try:

@@ -3,9 +3,11 @@
 A run writes OUT, ``OUT.summary.json``, ``OUT.lock`` and the shard store ``OUT.parts/``.
 Before any work starts:
 
-- OUT must not exist yet, be empty, or be an output of this program (Parquet or CSV with
-  its columns): a typo in --out must not replace a spreadsheet, a photo or a manifest
-  that happen to bear that name. A symbolic link is written through: the
+- OUT must not exist yet, be empty, or be an output of this program (a Parquet file with
+  our metadata, a CSV with our header): a typo in --out must not replace a spreadsheet, a
+  photo, a manifest or a file derived from an output that happen to bear that name. An
+  output its owner made read-only is not replaced either, even by root: a snapshot frozen
+  on purpose. A replaced output keeps its permission bits. A symbolic link is written through: the
   link stays and its target is replaced atomically, with the lock, summary and parts
   beside the target. A device (``/dev/null``), pipe, socket or folder is refused.
 - None of the four may be one of the run's inputs (the manifest, the model, ``--root``);
@@ -29,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OutputError, UsageError
+from .schema import OUTPUT_COLUMNS, SCHEMA_VERSION_KEY
 
 RUN_STATE = "_run.json"
 
@@ -95,29 +98,57 @@ def resolve_output(out: Path) -> Path:
 
 
 def refuse_foreign(out: Path) -> None:
-    """Refuse an existing, non-empty OUT that this program did not write."""
-    if out.is_file() and out.stat().st_size > 0 and not is_tag_output(out):
+    """Refuse an existing OUT that this program did not write, or that its owner made read-only."""
+    try:
+        st = out.stat()
+    except FileNotFoundError:
+        return
+    if not st.st_mode & stat.S_IWUSR:
+        # Renaming over a file needs only the folder's write permission (and root may write
+        # anything), so the owner's "keep this as it is" must be checked here.
+        raise OutputError(f"--out {out} is read-only, so its owner protected it; tag does not replace it: "
+                          "make it writable (chmod u+w) or choose another --out")
+    if st.st_size > 0 and not is_tag_output(out):
         raise OutputError(f"--out {out} exists and is not a catalog-tagger output; tag replaces only its own "
                           "outputs: move that file away or choose another --out")
 
 
-# The first columns of every output this program has written (schema versions 1 and 2).
-_OWN_COLUMNS = ("image_id", "path", "status")
+def output_mode(out: Path) -> int | None:
+    """The permission bits of an existing OUT, which its replacement keeps (a private 0600
+    output stays private); None when there is none."""
+    try:
+        return stat.S_IMODE(out.stat().st_mode) & 0o777
+    except FileNotFoundError:
+        return None
 
 
 def is_tag_output(path: Path) -> bool:
-    """Whether ``path`` is a Parquet or CSV file whose first columns are a tag output's."""
+    """Whether ``path`` is a Parquet file with our metadata, or a CSV with our header."""
     try:
         with open(path, "rb") as f:
             head = f.read(65536)
         if head.startswith(b"PAR1"):
-            names = pq.read_schema(path).names
-        else:
-            first = head.decode("utf-8-sig", errors="replace").splitlines()[:1]
-            names = next(csv.reader(first), []) if first else []
+            # Every version wrote this key; a file derived from an output with pandas does not have it.
+            return SCHEMA_VERSION_KEY.encode() in (pq.read_schema(path).metadata or {})
+        first = head.decode("utf-8-sig", errors="replace").splitlines()[:1]
+        names = next(csv.reader(first), []) if first else []
     except (OSError, pa.ArrowException, csv.Error):
         return False
-    return tuple(names[: len(_OWN_COLUMNS)]) == _OWN_COLUMNS
+    return is_tag_csv_header(names)
+
+
+def is_tag_csv_header(names: list[str]) -> bool:
+    """Our columns in the order ``writers.flatten_for_csv`` writes them: up to confidence,
+    ``label_k, score_k`` for k = 2.. (none with --top-k 1), then the rest of ours; the
+    manifest's pass-through columns may follow."""
+    topk = OUTPUT_COLUMNS.index("topk_labels")
+    head, tail = list(OUTPUT_COLUMNS[:topk]), list(OUTPUT_COLUMNS[topk + 2:])
+    if names[:len(head)] != head:
+        return False
+    at, k = len(head), 2
+    while names[at:at + 2] == [f"label_{k}", f"score_{k}"]:
+        at, k = at + 2, k + 1
+    return names[at:at + len(tail)] == tail
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from .config import ReviewConfig
 from .errors import DataError, OutputError, UsageError
 from .outputs import refuse_inputs
+from .sources import read_csv_text
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def read_tags(path: Path) -> tuple[pd.DataFrame, tuple[str, ...] | None]:
                 classes = tuple(json.loads(meta[b"classes"]))
             frame = table.to_pandas()
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            frame = read_csv_text(path)
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot read tags file {path}: {exc}") from exc
     missing = [c for c in ("image_id", "path", "status", "label", "confidence") if c not in frame.columns]

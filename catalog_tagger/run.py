@@ -38,9 +38,18 @@ from .config import TagConfig
 from .engines import Engine, LocalEngine, PendingShard, ShardJob
 from .errors import Interrupted, OutputError, SourceError, TooManyErrors, UsageError
 from .incremental import PreviousOutput
-from .outputs import lock_path, open_lock, parts_dir, refuse_foreign, refuse_inputs, resolve_output, summary_path
+from .outputs import (
+    lock_path,
+    open_lock,
+    output_mode,
+    parts_dir,
+    refuse_foreign,
+    refuse_inputs,
+    resolve_output,
+    summary_path,
+)
 from .precision_check import PrecisionCheck, check_target_precision
-from .schema import MODEL_STATUSES, SCHEMA_VERSION, output_schema
+from .schema import MODEL_STATUSES, SCHEMA_VERSION, SCHEMA_VERSION_KEY, output_schema
 from .shards import chunks, commit_shard, is_committed, prepare_parts, run_identity, shard_fingerprint, shard_path
 from .sources import Record, open_source
 from .tagging import TagSettings
@@ -128,10 +137,13 @@ def output_lock(out: Path) -> Iterator[None]:
             holder = fh.read().strip() or "another process"
             raise OutputError(f"{out} is being written by another run ({holder}); "
                               "wait for it or remove that run") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        fh.flush()
+        try:
+            # Unbuffered: a buffered write that failed would fail again in close().
+            os.ftruncate(fh.fileno(), 0)
+            os.pwrite(fh.fileno(), f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError as exc:  # a disk already full: nothing of the run is written yet
+            raise OutputError(f"cannot write the lock file {lock_path(out)}: {exc.strerror or exc}; "
+                              "make room and run again") from exc
         yield
     finally:
         fh.close()  # releases the lock; the file may stay, it is harmless
@@ -176,7 +188,7 @@ def run_tagging(config: TagConfig, progress: bool = True, engine: Engine | None 
                 if config.incremental else None)
     settings = TagSettings(batch_size=config.batch_size, top_k=config.top_k, review_threshold=threshold,
                            max_pixels=config.max_pixels, hash=config.hash, time_limit=config.time_limit)
-    metadata = {"catalog_tagger_schema_version": SCHEMA_VERSION, "classes": list(loaded.classes),
+    metadata = {SCHEMA_VERSION_KEY: SCHEMA_VERSION, "classes": list(loaded.classes),
                 "model_card": loaded.card}
     schema = output_schema(source.extra_schema, metadata)
     # Not part of the identity: the engine. A run killed on a cluster may be resumed here.
@@ -363,6 +375,9 @@ def _assemble(shard_paths: list[Path], out: Path, fmt: str, schema: pa.Schema, t
         # under the temporary name can redirect the write.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, shareable_mode())
         with os.fdopen(fd, "wb") as sink:
+            mode = output_mode(out)
+            if mode is not None:  # the umask must not widen or narrow what the owner chose
+                os.fchmod(fd, mode)
             writer = open_writer(fmt, sink, schema, top_k, escape_formulas)
             try:
                 for path in shard_paths:

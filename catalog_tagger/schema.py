@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ import pyarrow as pa
 
 # 2: status can be "out_of_scope" (a photo of none of the classes; label null, error says why).
 SCHEMA_VERSION = "2"
+# The Parquet file-metadata key that holds it; every version wrote it, so it marks our outputs.
+SCHEMA_VERSION_KEY = "catalog_tagger_schema_version"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -43,9 +46,20 @@ MODEL_STATUSES = ("ok", OUT_OF_SCOPE)
 MANIFEST_PREFIX = "manifest_"
 
 
+# The names CSV output gives the runner-up classes (``writers.flatten_for_csv``): reserved
+# whatever the format or --top-k, so that a manifest column named so never replaces the
+# model's runner-ups in a CSV, and a column keeps one name in both formats.
+_FLAT_TOPK = re.compile(r"(label|score)_[0-9]+")
+
+
+def _reserved(name: str, taken: set[str]) -> bool:
+    return name in taken or _FLAT_TOPK.fullmatch(name) is not None
+
+
 def pass_through_names(names: Sequence[str]) -> dict[str, str]:
     """Each manifest column's name in the output: unchanged, or prefixed with ``manifest_``
-    (as often as needed) where it would clash with one of ours or another renamed column.
+    (as often as needed) where it would clash with one of ours (``label_2``, ``score_2``...
+    of CSV output included) or another renamed column.
 
     A previous output fed back as a manifest has ``label_id`` and, from an earlier round,
     ``manifest_label_id``: the latter keeps its name, ``label_id`` becomes
@@ -54,9 +68,9 @@ def pass_through_names(names: Sequence[str]) -> dict[str, str]:
     taken = set(OUTPUT_COLUMNS)
     renamed: dict[str, str] = {}
     # Names that need no prefix keep it; the clashing ones are placed after them.
-    for name in sorted(names, key=lambda n: n in taken):
+    for name in sorted(names, key=lambda n: _reserved(n, taken)):
         new = name
-        while new in taken:
+        while _reserved(new, taken):
             new = MANIFEST_PREFIX + new
         taken.add(new)
         renamed[name] = new

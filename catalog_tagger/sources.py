@@ -7,8 +7,10 @@ records and ``--resume`` can skip what was committed.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,13 +177,17 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path,
-                      label_col: str | None = None) -> dict[str, str]:
-    """The pass-through columns: manifest name -> output name."""
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
+def _refuse_repeated(columns: list[str], manifest: Path) -> None:
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
     if repeated:
         raise SourceError(f"manifest {manifest} has more than one column named {', '.join(map(repr, repeated))}; "
                           "rename them so each column has its own name")
+
+
+def _manifest_columns(columns: list[str], path_col: str, id_col: str | None, manifest: Path,
+                      label_col: str | None = None) -> dict[str, str]:
+    """The pass-through columns: manifest name -> output name."""
+    _refuse_repeated(columns, manifest)
     if path_col not in columns:
         raise SourceError(f"manifest {manifest} has no column {path_col!r} (columns: {', '.join(columns)}); "
                           "choose one with --path-col")
@@ -219,24 +225,59 @@ def _base_folder(manifest: Path, root: Path | None) -> str:
     return os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(manifest))
 
 
+def read_csv_text(path: Path) -> pd.DataFrame:
+    """A whole CSV file (a review file, a tag output) as text cells, exactly as written.
+
+    ``index_col=False``: a delimiter at the end of every data row is dropped rather than
+    turning the first column into the index and shifting every other one place left.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pd.errors.ParserWarning)  # "data lost": the empty trailing field
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
+
+
+def _csv_head(manifest: Path) -> tuple[list[str], list[str]]:
+    """The header's names as written (pandas has already renamed a repeated ``path`` to
+    ``path.1``) and the first data row's fields."""
+    with open(manifest, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        return next(reader, []), next(reader, [])
+
+
 def read_csv_manifest(manifest: Path, path_col: str, id_col: str | None, root: Path | None = None,
                       label_col: str | None = None) -> Source:
     """CSV rows read in chunks; every pass-through column stays text, exactly as written
     (a SKU like 00123 must not become the number 123). With ``label_col``, each record's
-    label is read from that column (which then is no pass-through column)."""
+    label is read from that column (which then is no pass-through column).
+
+    A delimiter at the end of every data row (``a,b,`` under ``sku,path``, as many
+    exporters write) is dropped: pandas would otherwise make the first column the index and
+    shift every other one place left. Extra fields that hold text are refused instead.
+    """
     try:
         header = pd.read_csv(manifest, nrows=0, encoding="utf-8-sig").columns.tolist()
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        written, first = _csv_head(manifest)
+    except (OSError, UnicodeDecodeError, csv.Error, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
+    _refuse_repeated(written, manifest)
+    if any(field.strip() for field in first[len(written):]):
+        raise SourceError(f"manifest {manifest} has {len(first)} fields in its first row but {len(written)} "
+                          "names in its header; name every column or remove the extra fields")
     extras = _manifest_columns(header, path_col, id_col, manifest, label_col)
     base = _base_folder(manifest, root)
 
     def records() -> Iterator[Record]:
         ordinal = 0
         reader = pd.read_csv(manifest, dtype=str, keep_default_na=False, chunksize=_CSV_CHUNK,
-                             encoding="utf-8-sig")
+                             encoding="utf-8-sig", index_col=False)
         try:
-            for chunk in reader:
+            while True:
+                with warnings.catch_warnings():
+                    # The dropped trailing delimiter, checked above to hold nothing.
+                    warnings.simplefilter("ignore", pd.errors.ParserWarning)
+                    chunk = next(reader, None)
+                if chunk is None:
+                    break
                 for row in chunk.to_dict("records"):
                     yield _record(ordinal, row, path_col, id_col, base, extras, root is not None, label_col)
                     ordinal += 1

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from .errors import DataError, OutputError
+from .sources import read_csv_text
 
 if TYPE_CHECKING:
     from .review import ReviewItem
@@ -230,7 +231,7 @@ def _rows_below(path: Path, ws: Any, header_row: int, columns: dict[str, int]) -
 
 def _read_csv(path: Path) -> list[ReviewRow]:
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        frame = read_csv_text(path)
     except pd.errors.EmptyDataError:
         raise _missing_header(path) from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:

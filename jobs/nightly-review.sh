@@ -5,7 +5,8 @@
 #
 #   OUTPUT_DIR  where nightly-tag.sh wrote tags.parquet           (default: /var/lib/catalog-tagger)
 #   REVIEW_DIR  where workbooks are handed out and filled ones    (default: $OUTPUT_DIR/review)
-#               come back (any *.xlsx / *.csv below it counts as reviewed)
+#               come back (any *.xlsx / *.csv below it counts as reviewed; hidden files
+#               and Office's owner files ~$name.xlsx, left while a workbook is open, do not)
 #   BUDGET      photos per workbook                                (default: 200)
 #   TAGGER      the catalog-tagger executable                      (default: catalog-tagger on PATH)
 #   EXTRA_ARGS  more options for `catalog-tagger review`           (e.g. "--thumbnail-size 48")
@@ -29,14 +30,26 @@ log="$OUTPUT_DIR/logs/review-$(date -u +%Y%m%dT%H%M%SZ).log"
 args=(-q review "$tags" --budget "$BUDGET" --out "$out" --seed "$stamp")
 while IFS= read -r -d '' earlier; do
   args+=(--exclude "$earlier")
-done < <(find "$REVIEW_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' -o -name '*.html' \) ! -name '.*' -print0 | sort -z)
+done < <(find "$REVIEW_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' -o -name '*.html' \) ! -name '.*' ! -name '~$*' -print0 | sort -z)
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
 args+=($EXTRA_ARGS)
+
+# The tagger's last "error:" sentence, else the log's last line (a traceback's, or the
+# shell's "command not found").
+last_error() {
+  { grep -E '^(error|Error):' "$1" || grep -v '^[[:space:]]*$' "$1" || true; } | tail -n 1 | sed 's/^[Ee]rror: //'
+}
 
 set +e
 "$TAGGER" "${args[@]}" >>"$log" 2>&1
 code=$?
 set -e
+reason=$(last_error "$log")
 echo "exit $code" >>"$log"
-[ "$code" -eq 0 ] && echo "review workbook: $out"
+if [ "$code" -eq 0 ]; then
+  echo "review workbook: $out"
+else
+  # Cron mails only what a job prints, and the tagger's words went to the log.
+  echo "catalog-tagger review failed (exit $code): ${reason:-no message}; see $log" >&2
+fi
 exit "$code"

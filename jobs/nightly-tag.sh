@@ -5,7 +5,10 @@
 #   CATALOG_DIR   folder or manifest to tag              (required)
 #   OUTPUT_DIR    where tags.parquet and logs live       (default: /var/lib/catalog-tagger)
 #   MODEL_DIR     tag with this model once it holds one (what weekly-learn.sh publishes);
-#                 the bundled model until then           (default: none)
+#                 the bundled model while it is empty    (default: none)
+#                 It must exist (mkdir it once): a folder that is not there is a typo or
+#                 an unmounted share, which stops the job (exit 2) instead of re-tagging
+#                 every photo with the bundled model.
 #   TAGGER        the catalog-tagger executable          (default: catalog-tagger on PATH)
 #   MAX_ERROR_RATE  alert (exit 7) above this failed share (default: 0.05)
 #   EXTRA_ARGS    more options for `catalog-tagger tag`  (e.g. "--id-col sku --model /models/v3")
@@ -16,6 +19,10 @@ OUTPUT_DIR=${OUTPUT_DIR:-/var/lib/catalog-tagger}
 TAGGER=${TAGGER:-catalog-tagger}
 MAX_ERROR_RATE=${MAX_ERROR_RATE:-0.05}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+if [ -n "${MODEL_DIR:-}" ] && [ ! -d "$MODEL_DIR" ]; then
+  echo "MODEL_DIR $MODEL_DIR is not a folder (a typo, or an unmounted share?); create it empty to tag with the bundled model until a model is published there" >&2
+  exit 2
+fi
 
 mkdir -p "$OUTPUT_DIR/logs"
 out="$OUTPUT_DIR/tags.parquet"
@@ -35,16 +42,27 @@ if [ -f "$out" ]; then
   args+=(--incremental "$OUTPUT_DIR/previous.parquet")
 fi
 # A newly published model changes the rows' model ident: --incremental then re-tags every photo.
-if [ -n "${MODEL_DIR:-}" ] && [ -f "$MODEL_DIR/model.json" ]; then
-  args+=(--model "$MODEL_DIR")
+if [ -n "${MODEL_DIR:-}" ]; then
+  if [ -f "$MODEL_DIR/model.json" ]; then
+    args+=(--model "$MODEL_DIR")
+  else
+    echo "MODEL_DIR $MODEL_DIR holds no model.json yet; tagging with the bundled model" >>"$log"
+  fi
 fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
 args+=($EXTRA_ARGS)
+
+# The tagger's last "error:" sentence, else the log's last line (a traceback's, or the
+# shell's "command not found").
+last_error() {
+  { grep -E '^(error|Error):' "$1" || grep -v '^[[:space:]]*$' "$1" || true; } | tail -n 1 | sed 's/^[Ee]rror: //'
+}
 
 set +e
 "$TAGGER" "${args[@]}" >>"$log" 2>&1
 code=$?
 set -e
+reason=$(last_error "$log")
 # Exit 0 and 7 write a new output and summary; any other code leaves last night's summary
 # in place, which must not be logged as if it were tonight's.
 if [ "$code" -eq 0 ] || [ "$code" -eq 7 ]; then
@@ -53,4 +71,8 @@ else
   echo "no output written tonight; $out is unchanged" >>"$log"
 fi
 echo "exit $code" >>"$log"
+# Cron mails only what a job prints, and everything above went to the log.
+if [ "$code" -ne 0 ]; then
+  echo "catalog-tagger tag failed (exit $code): ${reason:-no message}; see $log" >&2
+fi
 exit "$code"

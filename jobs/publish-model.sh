@@ -14,7 +14,15 @@ if [ "$#" -ne 2 ] || [ ! -f "$1/model.json" ]; then
   echo "usage: publish-model.sh RUN_DIR MODEL_DIR (RUN_DIR holding model.json and its weights)" >&2
   exit 2
 fi
-mkdir -p "$2"
+# The model folder itself may be new (the first publication), never its parent: a missing
+# parent is a typo or an unmounted share, where tag --model would never look.
+if [ ! -d "$2" ]; then
+  if [ ! -d "$(dirname "$2")" ]; then
+    echo "cannot publish to $2: its folder $(dirname "$2") does not exist (a typo, or an unmounted share?)" >&2
+    exit 2
+  fi
+  mkdir "$2"
+fi
 python3 - "$1" "$2" <<'PY'
 import json, os, shutil, sys
 

@@ -9,8 +9,11 @@
 # A failed learn, no new labels, or a tie keep the published model as it is.
 #
 #   MODEL_DIR   where the published model lives (model.safetensors + model.json)  (required;
-#               empty at first: the bundled model is then the one to beat)
+#               an existing folder, empty at first: the bundled model is then the one to beat.
+#               A folder that is not there is a typo or an unmounted share: exit 2)
 #   FILLED_DIR  filled review workbooks and CSVs (*.xlsx, *.csv)  (default: /var/lib/catalog-tagger/review/filled)
+#               Hidden files and Office's owner files (~$name.xlsx, left while a workbook is
+#               open) are not review files.
 #   RUNS_DIR    where learn runs are kept                        (default: /var/lib/catalog-tagger/runs)
 #   TAGS_FILE   a tag output whose photos nobody reviewed are learned too, labeled where the
 #               model is sure (learn --catalog). Off unless set: on home photos the precision
@@ -21,6 +24,10 @@
 set -euo pipefail
 
 if [ -z "${MODEL_DIR:-}" ]; then echo "set MODEL_DIR to the folder of the published model" >&2; exit 2; fi  # 2: bad usage, as the tagger's
+if [ ! -d "$MODEL_DIR" ]; then
+  echo "MODEL_DIR $MODEL_DIR is not a folder (a typo, or an unmounted share?); create it empty before the first publication" >&2
+  exit 2
+fi
 FILLED_DIR=${FILLED_DIR:-/var/lib/catalog-tagger/review/filled}
 RUNS_DIR=${RUNS_DIR:-/var/lib/catalog-tagger/runs}
 TAGS_FILE=${TAGS_FILE:-}
@@ -33,7 +40,7 @@ if [ ! -d "$FILLED_DIR" ]; then
 fi
 files=()
 while IFS= read -r -d '' f; do files+=("$f"); done \
-  < <(find "$FILLED_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' \) ! -name '.*' -print0 2>/dev/null | sort -z)
+  < <(find "$FILLED_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' \) ! -name '.*' ! -name '~$*' -print0 2>/dev/null | sort -z)
 if [ "${#files[@]}" -eq 0 ]; then
   echo "no filled review files in $FILLED_DIR; kept the published model"
   exit 0
@@ -42,7 +49,11 @@ fi
 run="$RUNS_DIR/learn-$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$RUNS_DIR"
 init=()
-[ -f "$MODEL_DIR/model.json" ] && init=(--init "$MODEL_DIR")
+if [ -f "$MODEL_DIR/model.json" ]; then
+  init=(--init "$MODEL_DIR")
+else
+  echo "MODEL_DIR $MODEL_DIR holds no model.json yet; learning from the bundled model"
+fi
 catalog=()
 [ -n "$TAGS_FILE" ] && catalog=(--catalog "$TAGS_FILE")   # set but missing: learn says so (exit 3)
 # shellcheck disable=SC2086  # EXTRA_ARGS is meant to split into words

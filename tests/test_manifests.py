@@ -54,8 +54,8 @@ def test_empty_manifest_file_is_a_run_error(run_cli, tmp_path):
 
 def test_header_only_manifest_is_refused_and_keeps_the_previous_output(run_cli, tmp_path):
     (tmp_path / "m.csv").write_text("path,sku\n")
-    pd.DataFrame({"image_id": ["a"], "path": ["a.jpg"], "status": ["ok"]}).to_parquet(tmp_path / "t.parquet")
-    yesterday = (tmp_path / "t.parquet").read_bytes()  # an output of an earlier run (its first columns)
+    assert _tag(run_cli, SAMPLE / "images" / "broken", tmp_path / "t.parquet").exit_code == 0
+    yesterday = (tmp_path / "t.parquet").read_bytes()  # an output of an earlier run
     result = _tag(run_cli, tmp_path / "m.csv", tmp_path / "t.parquet")
     assert result.exit_code == 5 and "no images to tag" in result.output
     assert (tmp_path / "t.parquet").read_bytes() == yesterday

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -109,7 +110,7 @@ def test_out_that_is_a_pipe_or_a_folder_is_refused_before_any_work(photos, tmp_p
 def test_out_that_is_a_symlink_is_written_through_to_its_target(photos, tmp_path):
     target = tmp_path / "real" / "tags.parquet"
     target.parent.mkdir()
-    pd.DataFrame({"image_id": ["a"], "path": ["a.jpg"], "status": ["ok"]}).to_parquet(target)  # yesterday's
+    assert cli("tag", SAMPLE / "images" / "broken", "--out", target).returncode == 0  # yesterday's
     link = tmp_path / "tags.parquet"
     link.symlink_to(target)
     proc = cli("tag", photos, "--out", link, "--workers", "0")
@@ -156,6 +157,52 @@ def test_out_that_names_someone_elses_file_is_refused_and_the_file_kept(photos, 
         for _ in range(2):
             proc = cli("tag", photos, "--out", tmp_path / out, "--workers", "0")
             assert proc.returncode == 0, proc.stderr
+
+
+def test_a_file_derived_from_an_output_is_not_replaced(photos, tmp_path):
+    """Its leading columns are an output's, but pandas or a spreadsheet wrote it: a person's file."""
+    corrected = tmp_path / "corrected_labels.parquet"
+    pd.DataFrame({"image_id": ["a"], "path": ["a.jpg"], "status": ["ok"], "label": ["Coat"],
+                  "checked_by": ["maria"]}).to_parquet(corrected)
+    assert cli("tag", photos, "--out", tmp_path / "tags.csv", "--workers", "0").returncode == 0
+    resaved = tmp_path / "resaved.csv"  # the CSV output with its runner-up columns dropped
+    pd.read_csv(tmp_path / "tags.csv", dtype=str).drop(columns=["label_2", "score_2", "label_3", "score_3",
+                                                                "needs_review"]).to_csv(resaved, index=False)
+    for victim in (corrected, resaved):
+        before = victim.read_bytes()
+        assert "not a catalog-tagger output" in one_sentence(cli("tag", photos, "--out", victim, "--workers", "0"), 6)
+        assert victim.read_bytes() == before
+
+
+def test_outputs_of_every_schema_version_and_top_k_are_replaced(photos, tmp_path):
+    old = tmp_path / "v1.parquet"
+    assert cli("tag", photos, "--out", old, "--workers", "0").returncode == 0
+    table = pq.read_table(old)  # as version 1 wrote it: the same key, another value
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"catalog_tagger_schema_version": b"1"}),
+                   old)
+    top1 = tmp_path / "top1.csv"
+    assert cli("tag", photos, "--out", top1, "--workers", "0", "--top-k", "1").returncode == 0
+    for out in (old, top1):
+        proc = cli("tag", photos, "--out", out, "--workers", "0", "--top-k", "2")
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["frozen.parquet", "frozen.csv"])
+def test_an_output_its_owner_made_read_only_is_refused_even_as_root(photos, tmp_path, name):
+    out = tmp_path / name
+    assert cli("tag", photos, "--out", out, "--workers", "0").returncode == 0
+    out.chmod(0o444)  # a month-end snapshot, frozen on purpose; root could rename over it all the same
+    before = out.read_bytes()
+    line = one_sentence(cli("tag", photos, "--out", out, "--workers", "0", "--top-k", "1"), 6)
+    assert "read-only" in line
+    assert out.read_bytes() == before and stat.S_IMODE(out.stat().st_mode) == 0o444
+    assert not out.with_name(name + ".parts").exists()
+    # A writable output is replaced, and keeps the permission bits its owner chose.
+    for mode in (0o600, 0o664):
+        out.chmod(mode)
+        proc = cli("tag", photos, "--out", out, "--workers", "0", "--top-k", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes() != before and stat.S_IMODE(out.stat().st_mode) == mode
 
 
 def test_an_out_name_too_long_once_its_suffixes_are_added_is_one_sentence(photos, tmp_path):
@@ -434,6 +481,70 @@ def test_a_parquet_manifest_with_a_repeated_column_name_is_refused(tmp_path):
     assert "'x'" in one_sentence(cli("tag", tmp_path / "m.parquet", "--out", tmp_path / "t.parquet"), 5)
 
 
+def test_a_csv_manifest_with_a_repeated_column_name_is_refused(tmp_path):
+    shutil.copy(SAMPLE / GOOD[0], tmp_path / "a.jpg")
+    (tmp_path / "m.csv").write_text("sku,path,path\nA,old/missing.jpg,a.jpg\n")
+    assert "'path'" in one_sentence(cli("tag", tmp_path / "m.csv", "--out", tmp_path / "t.parquet"), 5)
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_a_trailing_delimiter_on_every_manifest_row_shifts_no_column(photos, tmp_path):
+    manifest = photos / "m.csv"
+    names = sorted(p.name for p in photos.iterdir() if p.suffix != ".csv")
+    manifest.write_text("sku,path\n" + "".join(f"{n.split('.')[0]},{n},\n" for n in names))
+    proc = cli("tag", manifest, "--id-col", "sku", "--out", tmp_path / "t.csv", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    rows = pd.read_csv(tmp_path / "t.csv", dtype=str)
+    assert rows["image_id"].tolist() == [n.split(".")[0] for n in names]
+    assert rows["status"].tolist() == ["ok"] * len(names)
+    # extra fields that hold something are no trailing delimiter: refused, not dropped
+    manifest.write_text("sku,path\n" + "".join(f"{n.split('.')[0]},{n},Winter\n" for n in names))
+    assert "header" in one_sentence(cli("tag", manifest, "--out", tmp_path / "u.csv", "--workers", "0"), 5)
+
+
+def test_a_tag_csv_with_trailing_delimiters_is_read_in_place(photos, tmp_path):
+    tags = tmp_path / "tags.csv"
+    assert cli("tag", photos, "--out", tags, "--workers", "0").returncode == 0
+    resaved = tmp_path / "resaved.csv"  # as an exporter writes it: a delimiter after every data row
+    header, *rows = tags.read_text().splitlines()
+    resaved.write_text("\n".join([header, *(r + "," for r in rows)]) + "\n")
+    proc = cli("review", resaved, "--budget", "2", "--out", tmp_path / "r.xlsx")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_review_csv_with_trailing_delimiters_is_read_in_place(photos, tmp_path):
+    tags = tmp_path / "tags.parquet"
+    assert cli("tag", photos, "--out", tags, "--workers", "0").returncode == 0
+    filled = tmp_path / "filled.csv"
+    filled.write_text("path,correct_label\n" + "".join(f"{p},Coat,\n" for p in sorted(photos.iterdir())))
+    line = one_sentence(cli("review", tags, "--exclude", filled, "--out", tmp_path / "s.xlsx"), 3)
+    assert f"{len(GOOD)} already reviewed" in line
+
+
+def test_manifest_columns_named_like_csv_runner_ups_do_not_replace_them(photos, tmp_path):
+    (photos / "pim.csv").write_text("sku,path,label_2,score_2\nA,sku-10001.jpg,Winter,5\nB,sku-10002.png,Summer,3\n")
+    proc = cli("tag", photos / "pim.csv", "--id-col", "sku", "--out", tmp_path / "out.csv", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_csv(tmp_path / "out.csv", dtype=str)
+    assert len(rows.columns) == len(set(rows.columns))
+    assert rows["manifest_label_2"].tolist() == ["Winter", "Summer"] and rows["manifest_score_2"].tolist() == ["5", "3"]
+    assert "Winter" not in rows["label_2"].tolist() and pd.to_numeric(rows["score_2"]).lt(1).all()
+
+
+def test_a_csv_output_fed_back_keeps_the_new_runner_ups(photos, tmp_path):
+    first, second, now = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "now.parquet"
+    assert cli("tag", photos, "--out", first, "--workers", "0").returncode == 0
+    shutil.copy(SAMPLE / "images" / "sku-10010.png", photos / "sku-10002.png")  # the photo changes
+    for src, dst in ((first, second), (photos, now)):
+        proc = cli("tag", src, "--out", dst, "--workers", "0")
+        assert proc.returncode == 0, proc.stderr
+    rows = pd.read_csv(second, dtype=str)
+    assert len(rows.columns) == len(set(rows.columns))
+    assert rows["manifest_label_2"].tolist() == pd.read_csv(first, dtype=str)["label_2"].tolist()
+    assert rows["label_2"].tolist() == [t[1] for t in pd.read_parquet(now)["topk_labels"]]
+
+
 def test_an_output_fed_back_as_a_manifest_twice_keeps_every_column(tmp_path):
     first, second, third = (tmp_path / f"{n}.parquet" for n in ("a", "b", "c"))
     assert cli("tag", SAMPLE / "manifest.csv", "--out", first, "--workers", "0").returncode == 0
@@ -559,6 +670,27 @@ def test_unreadable_weights_and_an_unwritable_model_folder_are_one_sentence(tmp_
     (model_copy / "model.safetensors").chmod(0o644)
     calibrate = [*WITHOUT_CAPS, TAGGER, "-q", "calibrate", "--model", str(model_copy)]
     assert "not writable" in one_sentence(subprocess.run(calibrate, capture_output=True, text=True, timeout=300), 6)
+
+
+def _file_size_limit(limit_bytes: int):
+    def apply():
+        # What a full disk does to a writer: writes past the limit fail with an error.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_a_full_disk_under_reports_and_checkpoints_is_one_sentence(tmp_path, tiny_data_dir):
+    report = tmp_path / "report"
+    proc = cli("evaluate", "--data-dir", tiny_data_dir, "--device", "cpu", "--out", report,
+               preexec_fn=_file_size_limit(4096))  # metrics.json fits, the confusion matrix PNG does not
+    assert "cannot write" in one_sentence(proc, 6)
+    assert not list(report.glob(".*.tmp"))
+    run = tmp_path / "run"
+    proc = cli("train", "--out", run, "--data-dir", tiny_data_dir, "--epochs", "1", "--val-size", "200",
+               "--device", "cpu", "--no-mixed-precision", preexec_fn=_file_size_limit(64 * 1024))
+    assert "cannot write" in one_sentence(proc, 6)
+    assert not list(run.glob(".*.tmp"))
 
 
 def test_train_never_overwrites_a_model_unless_asked(tmp_path, tiny_data_dir, model_copy):
