@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, UsageError
 from .model import GarmentNet, ModelConfig, build_model
 from .out_of_scope import Detector
 
@@ -160,6 +160,17 @@ def output_folder(path: Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"the output folder {path} is not writable")
     return path
+
+
+def refuse_out_inside_data(out: Path, data: Path | None) -> None:
+    """Refuse an ``--out`` folder inside the ``--data`` folder of labeled photos, before it is
+    created: the next run would read it as a class folder (and its pictures as photos)."""
+    if data is None:
+        return
+    out_abs, data_abs = Path(os.path.abspath(out)), Path(os.path.abspath(data))
+    if out_abs == data_abs or data_abs in out_abs.parents:
+        raise UsageError(f"--out {out} is inside --data {data}; its files would be read as labeled photos "
+                         "next time: choose a folder outside it")
 
 
 def save_model(model: GarmentNet, card: dict[str, Any], weights_path: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .calibration import expected_calibration_error, softmax
-from .checkpoint import load_model, output_folder
+from .checkpoint import load_model, output_folder, refuse_out_inside_data
 from .config import EvalConfig
 from .data.fashion_mnist import load_split
 from .data.labeled import LabeledArrays, load_labeled
@@ -40,6 +40,7 @@ def evaluate_model(config: EvalConfig, progress: bool = False) -> dict[str, Any]
     """
     own = config.data is not None or config.manifest is not None
     if config.out is not None:
+        refuse_out_inside_data(Path(config.out), config.data)
         refuse_foreign_report(output_folder(Path(config.out)))
     loaded = load_model(config.model, expected_classes=None if own else FASHION_MNIST_CLASSES)
     device = resolve_device(config.device)

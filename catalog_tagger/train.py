@@ -35,6 +35,7 @@ from .checkpoint import (
     load_model,
     load_training_state,
     output_folder,
+    refuse_out_inside_data,
     save_model,
     save_training_state,
 )
@@ -337,6 +338,7 @@ def _check_out(config: TrainConfig, out: Path, info: DistInfo) -> None:
         raise OutputError(f"{out} already holds a model or a training run; pass --overwrite to replace it (the "
                           "old model stays usable until the new one is saved), --resume to continue the run, "
                           "or choose another --out")
+    refuse_out_inside_data(out, config.data)
     if info.is_main:
         output_folder(out)
 

@@ -1,6 +1,7 @@
 """Training and evaluating on a retailer's own labeled photos (folders or manifest)."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -169,3 +170,13 @@ def test_fine_tuning_records_the_init_models_shape_not_ignored_options(own_folde
     used, recorded = tuned["model_config"], tuned["training"]["config"]
     assert (recorded["input_size"], recorded["channels"], recorded["flip_tta"]) == \
         (used["input_size"], used["channels"], used["flip_tta"]) == (28, 1, True)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_out_inside_the_labeled_folder_is_refused_before_it_is_made(own_folder, tmp_path, run_cli, command):
+    data = tmp_path / "held-out"
+    shutil.copytree(own_folder, data)
+    before = sorted(p.name for p in data.iterdir())
+    result = run_cli("-q", command, "--data", data, "--out", data / "report", "--workers", "0")
+    assert result.exit_code == 2 and "is inside --data" in result.output, result.output
+    assert sorted(p.name for p in data.iterdir()) == before  # no empty class folder "report" left behind
