@@ -47,6 +47,7 @@ from .new_classes import ClassPlan, extend_model, near_known, plan_classes
 from .reject import ReviewedScores, tune_detector
 from .review import OTHER, WHY_RANDOM
 from .runtime import describe_device, predict_logits_array, resolve_device
+from .schema import file_path
 from .self_training import CatalogPool, load_pool, pseudo_labels, with_photos
 from .tagging import default_workers
 from .train import WEIGHTS_FILE, StepSettings, TrainState, lr_schedule, train_one_epoch
@@ -137,7 +138,7 @@ def collect_labels(files: list[Path], classes: tuple[str, ...], new_classes: boo
                 if typo is not None:
                     raise DataError(f"{row.where}: {label!r} is not one of the model's classes; did you mean "
                                     f"{typo!r}? (a class of your own must not look like one of them)")
-            filled.append(ReviewRow(row.where, row.image_id, os.path.normpath(os.path.abspath(row.path)),
+            filled.append(ReviewRow(row.where, row.image_id, os.path.normpath(os.path.abspath(file_path(row.path))),
                                     label, row.why))
     if not filled:
         raise DataError(f"no row of {', '.join(map(str, files))} has correct_label filled in; label some photos first")

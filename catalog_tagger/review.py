@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from .config import ReviewConfig
 from .errors import DataError, OutputError, UsageError
 from .outputs import refuse_inputs
+from .schema import file_path
 from .sources import read_csv_text
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,8 @@ def photo_features(paths: list[str], model: Path | None, workers: int | None = N
 
     loaded = load_model(model)
     workers = default_workers() if workers is None else workers
-    images, ok, _ = decode_paths(paths, loaded.config, min(workers, max(1, len(paths) // 256)), False)
+    images, ok, _ = decode_paths([file_path(p) for p in paths], loaded.config,
+                                 min(workers, max(1, len(paths) // 256)), False)
     feats, _ = features_and_logits(loaded.model, images)
     out = np.full((len(paths), feats.shape[1]), np.nan, np.float32)
     out[np.flatnonzero(ok)] = feats
@@ -340,7 +342,7 @@ def thumbnail_jpeg(path: str, size: int) -> bytes | None:
     from .preprocess import to_8bit
 
     try:
-        with Image.open(path) as opened:
+        with Image.open(file_path(path)) as opened:
             opened.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
             # The same mode handling as tagging: 16-bit, palette, transparency onto white.
             img = to_8bit(ImageOps.exif_transpose(opened))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -103,6 +104,21 @@ def utf8_text(text: str) -> str:
             return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         except UnicodeEncodeError:  # a surrogate that did not come from a file name
             return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# What ``utf8_text`` writes for an undecodable byte of a file name (0x80-0xff only).
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def file_path(text: str) -> str:
+    """The file a path column names: ``text`` itself, or where only the name with its
+    ``\\xNN`` escapes turned back into bytes exists, that name (``utf8_text`` reversed). So
+    review, learn and self-training open the Latin-1-named photo that tag tagged."""
+    if "\\x" not in text or os.path.lexists(text):
+        return text
+    # os functions take a str with surrogates (U+DC80-U+DCFF) as the bytes 0x80-0xff of the name.
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
+    return raw if os.path.lexists(raw) else text
 
 
 def _column(values: list[Any], type_: pa.DataType) -> pa.Array:

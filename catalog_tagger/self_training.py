@@ -30,6 +30,7 @@ from .errors import DataError
 from .model import ModelConfig
 from .review import read_tags
 from .runtime import predict_logits_array
+from .schema import file_path
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def load_pool(tags: Path, reviewed: list[str], config: ModelConfig, sample: int,
     frame, _ = read_tags(tags)
     flagged = int(frame["flagged"].sum())
     done = {os.path.normpath(os.path.abspath(p)) for p in reviewed}
-    paths = [p for p in (os.path.normpath(os.path.abspath(str(p))) for p in frame.loc[~frame["flagged"], "path"])
-             if p not in done]
+    tagged = (os.path.normpath(os.path.abspath(file_path(str(p)))) for p in frame.loc[~frame["flagged"], "path"])
+    paths = [p for p in tagged if p not in done]
     paths = list(dict.fromkeys(paths))  # a photo tagged twice (two image ids) counts once
     if not paths:
         raise DataError(f"{tags} holds no photo with a label that is not already reviewed; "

@@ -723,3 +723,33 @@ def test_a_review_workbook_keeps_formula_like_names_as_text(tmp_path):
              if isinstance(c.value, str) and hostile in c.value]
     assert cells, "the hostile name is missing from the workbook"
     assert all(c.data_type == "s" and c.value.endswith(hostile) for c in cells), [(c.data_type, c.value) for c in cells]
+
+
+def test_a_photo_with_a_latin1_name_keeps_its_thumbnail_and_its_label(tmp_path):
+    """A name from a Windows share (b'caf\\xe9.jpg') is written as text 'caf\\\\xe9.jpg'; review
+    and learn must still open the photo, not call it gone."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        shutil.copy(SAMPLE / GOOD[i % len(GOOD)], images / f"plain-{i:02d}.jpg")
+    latin1 = os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(SAMPLE / GOOD[0], images / latin1)
+    tags, book = tmp_path / "tags.parquet", tmp_path / "review.xlsx"
+    assert cli("tag", images, "--out", tags, "--workers", "0").returncode == 0
+    assert "caf\\xe9.jpg" in set(pd.read_parquet(tags)["path"].map(os.path.basename))
+    proc = cli("review", tags, "--budget", "13", "--out", book)
+    assert proc.returncode == 0 and "no thumbnail" not in proc.stderr, proc.stderr
+    from openpyxl import load_workbook
+
+    wb = load_workbook(book)
+    ws = wb.worksheets[0]
+    assert len(ws._images) == 13  # every photo has its thumbnail, the Latin-1 one included
+    col = {c.value: c.column for c in ws[2]}
+    for r in range(3, ws.max_row + 1):
+        ws.cell(r, col["correct_label"]).value = "Coat" if r % 2 else "Bag"
+    wb.save(book)
+    proc = cli("learn", book, "--out", tmp_path / "model", "--epochs", "1", "--folds", "2", "--views", "0",
+               "--workers", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["training"]["labels"] == 13 and card["training"]["missing_photos"] == 0
