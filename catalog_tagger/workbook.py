@@ -13,18 +13,18 @@ refuses, in one sentence naming the file and row, what would train a wrong model
 
 from __future__ import annotations
 
+import csv
 import io
+import itertools
 import os
+import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from .errors import DataError, OutputError
-from .sources import read_csv_text
 
 if TYPE_CHECKING:
     from .review import ReviewItem
@@ -38,6 +38,14 @@ INSTRUCTIONS = ("Pick the true garment type of each photo in the correct_label c
 # How far down a sheet ``learn`` looks for the header row (an instruction line or two above it is fine).
 HEADER_SEARCH_ROWS = 20
 ENCRYPTED_MAGIC = b"\xd0\xcf\x11\xe0"  # OLE2: an encrypted .xlsx, or an old binary .xls
+REVIEW_COLUMNS = ("path", "correct_label", "image_id", "why")
+# Columns that must not appear twice: reading the first of two answer (or photo) columns
+# would silently drop a second reviewer's labels or pair labels with the wrong photos.
+UNIQUE_COLUMNS = ("path", "correct_label")
+# A European-locale Excel saves "CSV" with ';', some exports use tabs.
+CSV_DELIMITERS = (",", ";", "\t")
+# A cell formula in sheet XML (<f>, <f t="shared" ...>, <x:f>); <formula1> of a drop-down is not one.
+FORMULA_ELEMENT = re.compile(rb"<(?:\w+:)?f[\s>/]")
 
 
 @dataclass(frozen=True)
@@ -188,9 +196,20 @@ def _header_columns(names: Sequence[Any]) -> dict[str, int]:
     columns: dict[str, int] = {}
     for j, name in enumerate(names):
         key = _norm(name)
-        if key in ("path", "correct_label", "image_id", "why") and key not in columns:
+        if key in REVIEW_COLUMNS and key not in columns:
             columns[key] = j
     return columns
+
+
+def _refuse_repeated(path: Path, names: Sequence[Any], columns: dict[str, int],
+                     column_name: Callable[[int], str]) -> None:
+    for key in UNIQUE_COLUMNS:
+        first = columns[key]
+        second = next((j for j, name in enumerate(names) if j != first and _norm(name) == key), None)
+        if second is not None:
+            raise DataError(f"{path}: columns {column_name(first)} ({str(names[first]).strip()!r}) and "
+                            f"{column_name(second)} ({str(names[second]).strip()!r}) both read as {key}; keep "
+                            "one of them and delete or rename the other")
 
 
 def _missing_header(path: Path) -> DataError:
@@ -211,39 +230,97 @@ def _read_xlsx(path: Path) -> list[ReviewRow]:
         for r, values in enumerate(ws.iter_rows(max_row=HEADER_SEARCH_ROWS, values_only=True), start=1):
             columns = _header_columns(values)
             if "path" in columns and "correct_label" in columns:
-                return _rows_below(path, ws, r, columns)
+                return _rows_below(path, ws, r, values, columns)
     raise _missing_header(path)
 
 
-def _rows_below(path: Path, ws: Any, header_row: int, columns: dict[str, int]) -> list[ReviewRow]:
-    used = {columns[k] + 1 for k in ("path", "correct_label")}
+def _rows_below(path: Path, ws: Any, header_row: int, header: Sequence[Any],
+                columns: dict[str, int]) -> list[ReviewRow]:
+    from openpyxl.utils import get_column_letter
+
+    _refuse_repeated(path, header, columns, lambda j: get_column_letter(j + 1))
     for merged in ws.merged_cells.ranges:
-        if merged.max_row > header_row and any(merged.min_col <= c <= merged.max_col for c in used):
-            raise DataError(f"{path}: cells {merged.coord} are merged; unmerge them so that every photo has its "
-                            "own path and correct_label")
+        if merged.max_row <= header_row:
+            continue
+        for key, j in columns.items():
+            if merged.min_col <= j + 1 <= merged.max_col:
+                raise DataError(f"{path}: cells {merged.coord} are merged; unmerge them so that every photo has its "
+                                f"own {key}")
     rows = []
     for r, values in enumerate(ws.iter_rows(min_row=header_row + 1, values_only=True), start=header_row + 1):
         get = {k: _cell(values[j]) if j < len(values) else "" for k, j in columns.items()}
         rows.append(ReviewRow(f"{path.name} row {r}", get.get("image_id", ""), get["path"],
                               get["correct_label"], get.get("why", "")))
+    if any(row.path and not row.correct_label for row in rows) and _has_formulas(path):
+        _refuse_unsaved_formulas(path, ws.title, header_row, columns["correct_label"], rows)
     return _checked(rows, path.parent)
 
 
-def _read_csv(path: Path) -> list[ReviewRow]:
+def _has_formulas(path: Path) -> bool:
+    """Whether any sheet holds a cell formula: a cheap look at the XML that spares most
+    workbooks (people type or pick their answers) a second, slower load."""
+    with zipfile.ZipFile(path) as zf:
+        return any(FORMULA_ELEMENT.search(zf.read(name)) for name in zf.namelist()
+                   if name.startswith("xl/worksheets/") and name.endswith(".xml"))
+
+
+def _refuse_unsaved_formulas(path: Path, title: str, header_row: int, column: int, rows: list[ReviewRow]) -> None:
+    """Refuse correct_label formulas that have no saved value.
+
+    ``data_only`` reads a formula's value as the spreadsheet program last saved it; a
+    workbook written by a script (openpyxl, pandas) saves none, so those answers would read
+    as "not reviewed". Both cases store an empty result the same way, so a formula that
+    evaluated to "" is told apart by its neighbours: a program that saved any answer
+    formula's value saved them all.
+    """
+    from openpyxl import load_workbook
+
+    wb = load_workbook(path, read_only=True)
     try:
-        frame = read_csv_text(path)
-    except pd.errors.EmptyDataError:
-        raise _missing_header(path) from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise DataError(f"cannot read {path} as a CSV file: {exc}") from exc
-    columns = _header_columns(list(frame.columns))
-    if "path" not in columns or "correct_label" not in columns:
-        raise _missing_header(path)
+        unsaved = []
+        for row, cells in zip(rows, wb[title].iter_rows(min_row=header_row + 1, min_col=column + 1,
+                                                         max_col=column + 1)):
+            if cells and cells[0].data_type == "f":
+                if row.correct_label:
+                    return
+                if row.path:
+                    unsaved.append(row)
+    finally:
+        wb.close()
+    if unsaved:
+        raise DataError(f"{unsaved[0].where}: correct_label holds a formula with no saved value; open and save the "
+                        "workbook in Excel or LibreOffice, or type the labels")
+
+
+def _csv_delimiter(first_line: str) -> str:
+    """The delimiter under which the header names both ``path`` and ``correct_label``;
+    a comma when none or more than one does (the header error then says what is missing)."""
+    fits = [d for d in CSV_DELIMITERS
+            if {"path", "correct_label"} <= {_norm(n) for n in next(csv.reader([first_line], delimiter=d), [])}]
+    return fits[0] if len(fits) == 1 else ","
+
+
+def _read_csv(path: Path) -> list[ReviewRow]:
+    """Text cells exactly as written; extra fields past the header (a delimiter at the end
+    of every row, as many exporters write) are ignored, never shifting a column."""
     rows = []
-    for i, values in enumerate(frame.itertuples(index=False), start=2):
-        get = {k: _cell(values[j]) for k, j in columns.items()}
-        rows.append(ReviewRow(f"{path.name} line {i}", get.get("image_id", ""), get["path"],
-                              get["correct_label"], get.get("why", "")))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            first = fh.readline()
+            reader = csv.reader(itertools.chain([first], fh), delimiter=_csv_delimiter(first))
+            header = next(reader, [])
+            columns = _header_columns(header)
+            if "path" not in columns or "correct_label" not in columns:
+                raise _missing_header(path)
+            _refuse_repeated(path, header, columns, lambda j: str(j + 1))
+            line = reader.line_num
+            for values in reader:
+                get = {k: values[j].strip() if j < len(values) else "" for k, j in columns.items()}
+                rows.append(ReviewRow(f"{path.name} line {line + 1}", get.get("image_id", ""), get["path"],
+                                      get["correct_label"], get.get("why", "")))
+                line = reader.line_num
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path} as a CSV file: {exc}") from exc
     return _checked(rows, path.parent)
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from catalog_tagger.config import LearnConfig
+from catalog_tagger.errors import DataError
 from catalog_tagger.learn import ReviewedSet, bounded_table, clopper_pearson_lower
 from catalog_tagger.model import FASHION_MNIST_CLASSES
 from catalog_tagger.new_classes import ClassPlan
@@ -416,6 +417,34 @@ def bad_nothing_filled(ws, col) -> None:
     pass
 
 
+def bad_second_answer_column(ws, col) -> None:
+    # A second reviewer adds their own answer column at the right; the first has one answer.
+    ws.cell(3, col["correct_label"]).value = "Coat"
+    second = ws.max_column + 1
+    ws.cell(2, second).value = "Correct label"
+    _label_all(ws, {**col, "correct_label": second})
+
+
+def bad_formula_without_saved_value(ws, col) -> None:
+    # A script (openpyxl, pandas) writes formulas but never their values.
+    _label_all(ws, col)
+    label = openpyxl.utils.get_column_letter(col["label"])
+    for r in range(5, 8):
+        ws.cell(r, col["correct_label"]).value = f"={label}{r}"
+
+
+def bad_merged_why(ws, col) -> None:
+    _label_all(ws, col)
+    letter = openpyxl.utils.get_column_letter(col["why"])
+    ws.merge_cells(f"{letter}3:{letter}10")
+
+
+def bad_merged_image_id(ws, col) -> None:
+    _label_all(ws, col)
+    letter = openpyxl.utils.get_column_letter(col["image_id"])
+    ws.merge_cells(f"{letter}4:{letter}5")
+
+
 @pytest.mark.parametrize("change, words", [
     (bad_header_renamed, "no header row"),
     (bad_header_deleted, "no header row"),
@@ -423,6 +452,11 @@ def bad_nothing_filled(ws, col) -> None:
     (bad_conflicting_duplicate, "label the same photo"),
     (bad_merged_cells, "are merged"),
     (bad_nothing_filled, "no row of"),
+    (bad_second_answer_column, "columns B ('correct_label') and "),
+    (bad_second_answer_column, "('Correct label') both read as correct_label; keep one of them"),
+    (bad_formula_without_saved_value, "row 5: correct_label holds a formula with no saved value; open and save"),
+    (bad_merged_why, "are merged; unmerge them so that every photo has its own why"),
+    (bad_merged_image_id, "are merged; unmerge them so that every photo has its own image_id"),
 ], ids=lambda v: v.__name__ if callable(v) else None)
 def test_learn_refuses_bad_workbook(run_cli, workbook: Path, tmp_path: Path, change, words: str) -> None:
     bad = _edit(workbook, tmp_path / "bad.xlsx", change)
@@ -455,6 +489,56 @@ def test_learn_reads_csv_with_loose_labels(tmp_path: Path) -> None:
     rows = read_review_rows(path, require_filled=False)
     assert [r.correct_label for r in rows] == ["t-shirt/TOP", ""]
     assert rows[0].path == str(tmp_path / "img" / "a.png")  # relative to the CSV's folder
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_learn_reads_a_csv_separated_by_semicolons_or_tabs(delimiter: str, tmp_path: Path) -> None:
+    # European-locale Excel saves "CSV" with ';'; the header says which delimiter it is.
+    path = tmp_path / "labels.csv"
+    path.write_text(delimiter.join(["image_id", "path", "correct_label", "confidence"]) + "\n"
+                    + delimiter.join(["a", "img/a.png", "Coat", "0,93"]) + "\n"
+                    + delimiter.join(["b", '"img/b;c.png"', "", "0,5"]) + "\n")
+    rows = read_review_rows(path, require_filled=False)
+    assert [(r.image_id, r.correct_label) for r in rows] == [("a", "Coat"), ("b", "")]
+    assert rows[1].path == str(tmp_path / "img" / "b;c.png")
+
+
+def test_learn_refuses_a_csv_with_two_answer_columns(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    # pandas would read the second as correct_label.1 and drop its answers without a word
+    path.write_text("image_id,path,correct_label,correct_label\na,img/a.png,,Coat\n")
+    with pytest.raises(DataError, match=r"columns 3 \('correct_label'\) and 4 \('correct_label'\) both read as "
+                                        "correct_label"):
+        read_review_rows(path)
+    path.write_text("path,correct_label, Path\nimg/a.png,Coat,img/b.png\n")  # which photo is Coat?
+    with pytest.raises(DataError, match=r"columns 1 \('path'\) and 3 \('Path'\) both read as path"):
+        read_review_rows(path)
+
+
+def test_learn_reads_formulas_whose_values_a_spreadsheet_saved_and_nothing_else(workbook: Path,
+                                                                                  tmp_path: Path) -> None:
+    def formulas(ws, col) -> None:
+        label = openpyxl.utils.get_column_letter(col["label"])
+        for r in range(3, 6):
+            ws.cell(r, col["correct_label"]).value = f"={label}{r}"
+        ws.cell(6, col["correct_label"]).value = '=IF(FALSE,"Coat","")'  # an empty answer: not reviewed
+        ws.cell(7, col["correct_label"]).value = "Bag"  # typed
+
+    scripted = _edit(workbook, tmp_path / "scripted.xlsx", formulas)
+    with pytest.raises(DataError, match="row 3: correct_label holds a formula with no saved value"):
+        read_review_rows(scripted)
+    # An unfilled workbook with a formula elsewhere is read as before (review --exclude).
+    other = _edit(workbook, tmp_path / "other.xlsx", lambda ws, col: ws.cell(1, 30, "=1+1"))
+    assert not any(r.correct_label for r in read_review_rows(other, require_filled=False))
+    if SOFFICE is None:
+        pytest.skip("LibreOffice is not installed (apt-get install libreoffice-calc)")
+    env = {**os.environ, "HOME": str(tmp_path)}  # a fresh profile; no clash with a running instance
+    subprocess.run([SOFFICE, "--headless", "--convert-to", "xlsx", "--outdir", str(tmp_path / "saved"),
+                    str(scripted)], check=True, capture_output=True, timeout=180, env=env)
+    rows = read_review_rows(tmp_path / "saved" / scripted.name)
+    model = {r[-1]: r[2] for r in _rows(scripted)[2:]}
+    assert [r.correct_label for r in rows[:5]] == [model[r.path] for r in rows[:3]] + ["", "Bag"]
+    assert not any(r.correct_label for r in rows[5:])
 
 
 def test_clopper_pearson_lower_bound_is_exact() -> None:
@@ -823,6 +907,10 @@ def test_a_name_typed_for_photos_of_no_class_becomes_a_class_of_its_own(run_cli,
     assert run_cli("review", out, "--budget", "5", "--out", book).exit_code == 0
     names = [c.value for c in openpyxl.load_workbook(book)[CLASSES_SHEET]["A"]]
     assert names == [*FASHION_MNIST_CLASSES, "Chessboard", OTHER]
+    # its classes begin with Fashion-MNIST's, so it still evaluates there (a Chessboard is a mistake)
+    result = run_cli("-q", "evaluate", "--model", tmp_path / "model", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] > 0.5
 
 
 def test_a_typo_of_a_class_is_not_a_class_of_its_own(run_cli, workbook: Path, tmp_path: Path) -> None:
