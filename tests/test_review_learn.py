@@ -677,8 +677,10 @@ def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tags: Pa
     filled.mkdir()
     env = {"FILLED_DIR": str(filled), "MODEL_DIR": str(models), "RUNS_DIR": str(tmp_path / "runs"),
            "EXTRA_ARGS": " ".join(LEARN_FAST), "TAGS_FILE": str(tags)}
+    assert _job("weekly-learn.sh", **env).returncode == 2  # MODEL_DIR not there: a typo or an unmounted share
+    models.mkdir()  # made once, empty until the first model is published
     done = _job("weekly-learn.sh", **env)  # nothing filled yet: nothing happens
-    assert done.returncode == 0 and "kept" in done.stdout and not models.exists()
+    assert done.returncode == 0 and "kept" in done.stdout and not any(models.iterdir())
 
     fill(workbook, filled / "week1.xlsx")
     done = _job("weekly-learn.sh", **env)
@@ -688,7 +690,9 @@ def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tags: Pa
     assert card["training"]["self_training"]["catalog"] == str(tags)  # the nightly tags taught it too
     comparison = card["metrics"]["comparison"]
     better = comparison["cv_accuracy"] > comparison["init_accuracy"]
-    assert done.stdout.startswith("publish" if better else "keep"), done.stdout
+    assert "bundled model" in done.stdout  # nothing published yet: it says what it starts from
+    verdict = done.stdout.splitlines()[1]
+    assert verdict.startswith("publish" if better else "keep"), done.stdout
     assert (models / "model.json").exists() == better
     published = (models / "model.json").read_bytes() if better else None
 
@@ -697,7 +701,7 @@ def test_weekly_learn_job_publishes_only_a_better_model(workbook: Path, tags: Pa
     done = _job("weekly-learn.sh", **env)
     assert done.returncode == 3
     assert ((models / "model.json").read_bytes() if better else None) == published
-    assert better or not models.exists()
+    assert better or not any(models.iterdir())
 
 
 # ---------------------------------------------------------------- "none of these" (issue 18)
