@@ -16,8 +16,9 @@
 #               open) are not review files.
 #   RUNS_DIR    where learn runs are kept                        (default: /var/lib/catalog-tagger/runs)
 #   TAGS_FILE   a tag output whose photos nobody reviewed are learned too, labeled where the
-#               model is sure (learn --catalog). Off unless set: on home photos the precision
-#               it accepted at --target-precision 0.90 fell to 86% (docs/review-loop.md)
+#               model is sure (learn --catalog). Off unless set: up to a point more accuracy,
+#               but its evidence is pessimistic and --target-precision finds fewer thresholds
+#               (docs/review-loop.md)
 #   TAGGER      the catalog-tagger executable                    (default: catalog-tagger on PATH)
 #   EXTRA_ARGS  more options for `catalog-tagger learn`          (e.g. "--new-classes": names
 #               reviewers type for items of none of the classes become classes of their own)
