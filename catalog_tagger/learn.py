@@ -108,7 +108,6 @@ class Labels:
 
     rows: list[ReviewRow]
     indices: list[int]
-    empty: int  # rows left unfilled: not reviewed
     plan: ClassPlan  # the model's classes, and any of the retailer's own (--new-classes)
 
 
@@ -122,11 +121,9 @@ def collect_labels(files: list[Path], classes: tuple[str, ...], new_classes: boo
         raise DataError(f"the model has a class named like {OTHER!r}; learn cannot tell it from 'not one of these'")
     keys[class_key(OTHER)] = -1
     filled: list[ReviewRow] = []
-    empty = 0
     for file in files:
         for row in read_review_rows(Path(file), require_filled=False):
-            if not row.correct_label:
-                empty += 1
+            if not row.correct_label:  # not reviewed
                 continue
             label = row.correct_label
             if class_key(label) not in keys:
@@ -152,11 +149,7 @@ def collect_labels(files: list[Path], classes: tuple[str, ...], new_classes: boo
     plan = plan_classes(classes, [r.correct_label for r in rows if class_key(r.correct_label) not in keys],
                         min_new_class_labels)
     keys.update({class_key(c): i for i, c in enumerate(plan.classes)})
-    return Labels(rows, [keys.get(class_key(r.correct_label), -1) for r in rows], empty, plan)
-
-
-def _name(index: int, classes: tuple[str, ...]) -> str:
-    return OTHER if index < 0 else classes[index]
+    return Labels(rows, [keys.get(class_key(r.correct_label), -1) for r in rows], plan)
 
 
 def _workers(config: LearnConfig) -> int:
