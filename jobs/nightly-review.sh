@@ -34,17 +34,11 @@ done < <(find "$REVIEW_DIR" -type f \( -name '*.xlsx' -o -name '*.csv' -o -name 
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
 args+=($EXTRA_ARGS)
 
-# The tagger's last "error:" sentence, else the log's last line (a traceback's, or the
-# shell's "command not found").
-last_error() {
-  { grep -E '^(error|Error):' "$1" || grep -v '^[[:space:]]*$' "$1" || true; } | tail -n 1 | sed 's/^[Ee]rror: //'
-}
-
 set +e
 "$TAGGER" "${args[@]}" >>"$log" 2>&1
 code=$?
 set -e
-reason=$(last_error "$log")
+reason=$(bash "$(dirname "$0")/last-error.sh" "$log")
 echo "exit $code" >>"$log"
 if [ "$code" -eq 0 ]; then
   echo "review workbook: $out"

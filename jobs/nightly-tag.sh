@@ -52,17 +52,11 @@ fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
 args+=($EXTRA_ARGS)
 
-# The tagger's last "error:" sentence, else the log's last line (a traceback's, or the
-# shell's "command not found").
-last_error() {
-  { grep -E '^(error|Error):' "$1" || grep -v '^[[:space:]]*$' "$1" || true; } | tail -n 1 | sed 's/^[Ee]rror: //'
-}
-
 set +e
 "$TAGGER" "${args[@]}" >>"$log" 2>&1
 code=$?
 set -e
-reason=$(last_error "$log")
+reason=$(bash "$(dirname "$0")/last-error.sh" "$log")
 # Exit 0 and 7 write a new output and summary; any other code leaves last night's summary
 # in place, which must not be logged as if it were tonight's.
 if [ "$code" -eq 0 ] || [ "$code" -eq 7 ]; then
