@@ -30,6 +30,7 @@ from safetensors.torch import load, save
 from .errors import ModelError, OutputError, UsageError
 from .model import GarmentNet, ModelConfig, build_model
 from .out_of_scope import Detector
+from .preprocess import PREPROCESSING
 
 CARD_FORMAT = 1
 BUNDLED_DIR = Path(__file__).parent / "models"
@@ -63,13 +64,16 @@ class LoadedModel:
 
     @property
     def ident(self) -> str:
-        """Name, a short weights hash and a short hash of the calibration (and of the
-        out-of-scope detector, when the card has one): what output rows record as their model.
+        """Name, a short weights hash, a short hash of the calibration (and of the
+        out-of-scope detector, when the card has one) and the conversion's version: what
+        output rows record as their model.
         ``calibrate`` changes confidences and decisions without touching the weights, so rows
         tagged before and after it must not count as the same model."""
         calibration = json.dumps(self.card.get("calibration"), sort_keys=True).encode()
+        # The same weights see other inputs when the conversion changes (an upgrade of the
+        # package): rows tagged through another conversion are re-tagged by --incremental.
         ident = (f"{self.card.get('name', self.weights_path.stem)}@sha256:{self.sha256[:12]}"
-                 f"+cal:{hashlib.sha256(calibration).hexdigest()[:8]}")
+                 f"+cal:{hashlib.sha256(calibration).hexdigest()[:8]}+conv:{PREPROCESSING['version']}")
         if self.card.get("out_of_scope") is not None:
             detector = json.dumps(self.card["out_of_scope"], sort_keys=True).encode()
             ident += f"+oos:{hashlib.sha256(detector).hexdigest()[:8]}"

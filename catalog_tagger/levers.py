@@ -24,6 +24,8 @@ class Levers:
     edge_threshold: float = 12.0
     close_size: int = 3
     pair: str = "none"  # "one": of two alike objects side by side keep the larger; "one-turned": + lay a tall one down
+    skin: bool = False  # worn photos: pixels of the face's colour (bare arms, legs) leave the item
+    hem: bool = False  # worn photos (with skin): rows below a lasting change of colour (top over jeans) go
     colour_cutout: bool = False  # GrabCut on the photo's colours (decoded as YCbCr) rather than on grey
 
 
@@ -31,10 +33,11 @@ V1 = Levers()
 
 
 # Measured lever by lever in docs/zero-shot-accuracy.md.
-DEFAULT = Levers(fill_holes="faint", brightness="floor", head_crop=True, clutter="grabcut-fast", colour_cutout=True)
+DEFAULT = Levers(fill_holes="faint", brightness="floor", head_crop=True, skin=True, clutter="grabcut-fast",
+                 colour_cutout=True)
 LEVER_SETS = {
     "v1": V1,
-    "v2": replace(DEFAULT, colour_cutout=False),  # the default of 2026-11-30: the cutout on grey
+    "v2": replace(DEFAULT, colour_cutout=False, skin=False),  # the default of 2026-11-30: the cutout on grey
     "v1-stretch": Levers(brightness="stretch"),
     "v1-stretch-floor": Levers(brightness="stretch-floor"),
     "v1-floor": Levers(brightness="floor"),
@@ -63,4 +66,6 @@ LEVER_SETS = {
     "default-full": replace(DEFAULT, clutter="grabcut"),
     "default+pair": replace(DEFAULT, pair="one"),
     "default+pair-turned": replace(DEFAULT, pair="one-turned"),
+    "default-skin": replace(DEFAULT, skin=False),  # the default of 2026-12-01
+    "default+hem": replace(DEFAULT, hem=True),
 }

@@ -11,10 +11,11 @@ Real photos are not Fashion-MNIST's source photos, so four steps were added (iss
 each measured per photo style in docs/zero-shot-accuracy.md): an item that is mostly
 invisible inside its own outline (white on white) is filled, and every item's pixels are
 lifted to at least a faint grey, so that it keeps its silhouette after negation; a tall
-object with a head on a neck over the shoulders (a top worn by a model) loses the head;
-and a cluttered backdrop (floor, bed, carpet: a border far from one colour) is cut away
-with OpenCV's GrabCut, on the photo's colours (a JPEG is decoded as YCbCr for that: its Y
-plane is the grey the model sees). Light-on-black input takes none of them.
+object with a head on a neck over the shoulders (a top worn by a model) loses the head,
+and its bare arms (the face's colour, worn.py); and a cluttered backdrop (floor, bed,
+carpet: a border far from one colour) is cut away with OpenCV's GrabCut, on the photo's
+colours (a JPEG is decoded as YCbCr for that: its Y plane is the grey the model sees).
+Light-on-black input takes none of them.
 
 Training on the Fashion-MNIST IDX files skips this function only because those images
 are its output already; a test tags the test set written out as PNG files and checks the
@@ -31,14 +32,16 @@ from .cutout import CLUTTER_SPREAD, object_mask
 from .levers import DEFAULT, V1, Levers
 from .model import ModelConfig
 from .shoe_pairs import one_of_a_pair
+from .worn import above_the_hem, bare_skin, below_the_neck
 
 PREPROCESSING = {
     "name": "fashion-mnist-conversion",
-    "version": 4,
+    "version": 5,
     "steps": [
         "exif-transpose", "first-frame", "alpha-onto-white", "to-8-bit", "noise-field -> empty frame",
         "estimate-background-from-border", "trim-background (tolerance 5%)",
         "fill-faint-item (white on white)", "cut-head-of-worn-photo",
+        "cut-bare-arms-of-worn-photo (the face's chroma)",
         "cluttered-backdrop: grabcut-cutout on the colours (jpeg decoded as YCbCr, opencv)",
         "negate-if-light-background (background -> 0)", "item-floor 40", "resize-longest-edge", "unsharp-mask",
         "centre-on-square-canvas",
@@ -198,39 +201,7 @@ def _object_mask(a: np.ndarray, background: np.ndarray, spread: float, levers: L
                 if inner.sum() < FAINT_SHARE * filled.sum():
                     mask = mask.copy()
                     mask[box] = filled
-    if levers.head_crop:
-        mask = _below_the_neck(mask)
     return mask
-
-
-def _below_the_neck(mask: np.ndarray) -> np.ndarray:
-    """A tall object whose top is a narrow blob over much wider shoulders is worn by a
-    model: the head goes. Fashion-MNIST tops start at the collar."""
-    rows = np.nonzero(mask.any(axis=1))[0]
-    if rows.size < 8:
-        return mask
-    top, bottom = rows[0], rows[-1] + 1
-    cols = np.nonzero(mask.any(axis=0))[0]
-    if bottom - top < 1.3 * (cols[-1] + 1 - cols[0]):
-        return mask
-    widths = mask[top:bottom].sum(axis=1).astype(np.float32)
-    widest = float(widths.max())
-    head_zone = widths[: max(3, int(0.35 * len(widths)))]
-    narrow = head_zone < 0.4 * widest
-    if not narrow[: max(2, len(widths) // 30)].all():
-        return mask
-    wide = np.nonzero((head_zone > 0.6 * widest) & (np.cumsum(narrow) > 0))[0]
-    if wide.size == 0 or wide[0] < 4:
-        return mask
-    # A head narrows into a neck before the shoulders; a collar, hood or hanger does not.
-    above = widths[: wide[0]]
-    lower = above[len(above) // 3 :]
-    neck = len(above) - 1 - int(np.argmin(lower[::-1]))  # the lowest narrowest row
-    if neck < 3 or float(above[neck]) > 0.8 * float(above[:neck].max()):
-        return mask
-    cut = mask.copy()
-    cut[: top + neck] = False
-    return cut
 
 
 def _bbox(mask: np.ndarray, k: int, full: tuple[int, int]) -> tuple[int, int, int, int] | None:
@@ -273,6 +244,17 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
             return cut
     light = float(background.mean()) >= LIGHT_BACKGROUND
     mask = _object_mask(probe, background, spread, levers if light else V1)
+    skin = None
+    if light and levers.head_crop:
+        body = below_the_neck(mask)
+        if levers.skin and colour is not None and body is not mask:
+            ycc = colour if colour.mode == "YCbCr" else colour.convert("YCbCr")
+            small = np.asarray(ycc.reduce(k) if k > 1 else ycc)
+            skin = bare_skin(body, mask & ~body, small)
+            body = body & ~skin if skin is not None else body
+            if levers.hem:
+                body = above_the_hem(body, small)
+        mask = body
     pair = one_of_a_pair(mask) if light and levers.pair != "none" else None
     if pair is not None:
         mask, others = pair
@@ -306,6 +288,11 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
             out = _brightness(out, inside, levers.brightness)
         if levers.blank_outside_mask:
             out = out * soft
+    if skin is not None and bbox is not None:
+        box = (slice(bbox[1] // k, -(-bbox[3] // k)), slice(bbox[0] // k, -(-bbox[2] // k)))
+        bare = Image.fromarray(skin[box].astype(np.uint8) * 255)
+        gone = np.asarray(bare.resize((out.shape[1], out.shape[0]), Image.Resampling.NEAREST)) > 127
+        out = np.where(gone[..., None], 0.0, out)
     if pair is not None and bbox is not None:
         # The other shoe's pixels inside this one's box (and a pixel around them) go.
         box = (slice(bbox[1] // k, -(-bbox[3] // k)), slice(bbox[0] // k, -(-bbox[2] // k)))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .cutout import opencv
+
 # Two objects are a pair when the smaller has at least this share of the larger's area,
 # their boxes agree in width and height within this ratio, and together they hold this
 # share of the item's pixels.
@@ -29,7 +31,7 @@ def one_of_a_pair(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     outline away (at most PAIR_NECK of the item's size), so a narrow contact separates
     them and a body does not: trousers (legs joined at the waist), a bag (the handle goes,
     the bag stays one) and a worn figure are never split."""
-    import cv2  # a dependency; imported here to keep plain imports light
+    cv2 = opencv()
 
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     if rows.size == 0:

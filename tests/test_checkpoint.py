@@ -145,6 +145,17 @@ def test_the_out_of_scope_detector_travels_in_the_card_and_names_the_model(saved
     assert loaded.ident.startswith(plain.ident) and "+oos:" in loaded.ident
 
 
+def test_rows_converted_by_another_version_of_the_conversion_name_another_model(saved, monkeypatch):
+    # An upgrade that changes the conversion changes what the same weights see: --incremental
+    # and resume must not carry rows of the old conversion over.
+    from catalog_tagger import preprocess
+
+    _, _, folder = saved
+    before = load_model(folder).ident
+    monkeypatch.setitem(preprocess.PREPROCESSING, "version", preprocess.PREPROCESSING["version"] + 1)
+    assert load_model(folder).ident != before
+
+
 @pytest.mark.parametrize("entry, message", [
     (_detector(8), "does not fit the model"),               # features of another network (16 here)
     (_detector(16, classes=3), "does not fit the model"),   # statistics of another class list

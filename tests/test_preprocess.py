@@ -307,6 +307,70 @@ def test_the_head_of_a_model_is_cut_out_of_a_worn_photo():
     assert (top_row > 30).sum() > 10
 
 
+SKIN = (224, 172, 140)
+
+
+def _worn_t_shirt(shirt: tuple[int, int, int], arms: tuple[int, int, int] = SKIN) -> Image.Image:
+    """A person in a short-sleeved T-shirt on white, in colour: hair and face, neck, the
+    T-shirt, bare arms hanging beside it (apart from the body, as in most catalog photos),
+    jeans below."""
+    h, w = 160, 100
+    photo = np.full((h, w, 3), 255, np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    head = (yy - 16) ** 2 / 14**2 + (xx - 50) ** 2 / 10**2 <= 1
+    photo[head] = SKIN
+    photo[head & (yy < 9)] = (40, 30, 20)  # hair
+    photo[28:36, 45:55] = SKIN  # neck
+    photo[36:56, 12:88] = shirt  # shoulders and short sleeves
+    photo[56:110, 25:75] = shirt  # the body
+    photo[56:108, 12:22] = arms
+    photo[56:108, 78:88] = arms
+    photo[110:160, 28:72] = (50, 60, 110)  # jeans
+    return Image.fromarray(photo, "RGB")
+
+
+def _runs(row: np.ndarray) -> int:
+    lit = np.concatenate([[False], row > 30, [False]])
+    return int((np.diff(lit.astype(np.int8)) == 1).sum())
+
+
+def test_the_bare_arms_of_a_worn_t_shirt_leave_the_frame():
+    # With the arms beside it, a T-shirt reads as long sleeves (Pullover, Shirt) to a model
+    # trained on Fashion-MNIST's product shots; the arms have the colour of the face.
+    from dataclasses import replace
+
+    from catalog_tagger.levers import DEFAULT
+    from catalog_tagger.preprocess import convert
+
+    photo = _worn_t_shirt((40, 70, 160))
+    before = convert(photo, CONFIG, replace(DEFAULT, skin=False))[0]
+    after = to_model_array(photo, CONFIG)[0]
+    middle = lambda out: out[np.nonzero(out.max(axis=1) > 30)[0][0] + 8]  # noqa: E731  below the sleeves
+    assert _runs(middle(before)) == 3  # arm, body, arm
+    assert _runs(middle(after)) == 1  # the body alone
+    # The sleeves stay: the top row (the shoulders) is wider than the body below it.
+    rows = np.nonzero(after.max(axis=1) > 30)[0]
+    assert (after[rows[0]] > 30).sum() > (middle(after) > 30).sum() + 4
+
+
+def test_a_garment_the_colour_of_skin_and_a_grey_photo_keep_everything():
+    from dataclasses import replace
+
+    from catalog_tagger.levers import DEFAULT
+    from catalog_tagger.preprocess import convert
+
+    without = replace(DEFAULT, skin=False)
+    # A beige T-shirt: the patch across the body's middle is the garment, not skin.
+    beige = _worn_t_shirt(SKIN)
+    assert np.array_equal(to_model_array(beige, CONFIG), convert(beige, CONFIG, without))
+    # A grey photo has no colour to tell skin by: the arms stay, bit for bit as before.
+    grey = _worn_t_shirt((40, 70, 160)).convert("L")
+    assert np.array_equal(to_model_array(grey, CONFIG), convert(grey, CONFIG, without))
+    # Long sleeves and a glove-sized hand: nothing long and skin-coloured beside the body.
+    long_sleeves = _worn_t_shirt((40, 70, 160), arms=(40, 70, 160))
+    assert np.array_equal(to_model_array(long_sleeves, CONFIG), convert(long_sleeves, CONFIG, without))
+
+
 def test_a_collar_or_hanger_is_not_taken_for_a_head():
     # A narrow hook above a coat, widening without a neck: nothing is cut.
     photo = np.full((160, 80), 255, np.uint8)
