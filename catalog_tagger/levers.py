@@ -25,6 +25,7 @@ class Levers:
     close_size: int = 3
     pair: str = "none"  # "one": of two alike objects side by side keep the larger; "one-turned": + lay a tall one down
     skin: bool = False  # worn photos: pixels of the face's colour (bare arms, legs) leave the item
+    face: bool = False  # (with skin) a head that does not narrow into a neck: cut below a face of skin colour
     hem: bool = False  # worn photos (with skin): rows below a lasting change of colour (top over jeans) go
     colour_cutout: bool = False  # GrabCut on the photo's colours (decoded as YCbCr) rather than on grey
 
@@ -33,11 +34,11 @@ V1 = Levers()
 
 
 # Measured lever by lever in docs/zero-shot-accuracy.md.
-DEFAULT = Levers(fill_holes="faint", brightness="floor", head_crop=True, skin=True, clutter="grabcut-fast",
-                 colour_cutout=True)
+DEFAULT = Levers(fill_holes="faint", brightness="floor", head_crop=True, skin=True, face=True,
+                 clutter="grabcut-fast", colour_cutout=True)
 LEVER_SETS = {
     "v1": V1,
-    "v2": replace(DEFAULT, colour_cutout=False, skin=False),  # the default of 2026-11-30: the cutout on grey
+    "v2": replace(DEFAULT, colour_cutout=False, skin=False, face=False),  # default of 2026-11-30: cutout on grey
     "v1-stretch": Levers(brightness="stretch"),
     "v1-stretch-floor": Levers(brightness="stretch-floor"),
     "v1-floor": Levers(brightness="floor"),
@@ -66,6 +67,7 @@ LEVER_SETS = {
     "default-full": replace(DEFAULT, clutter="grabcut"),
     "default+pair": replace(DEFAULT, pair="one"),
     "default+pair-turned": replace(DEFAULT, pair="one-turned"),
-    "default-skin": replace(DEFAULT, skin=False),  # the default of 2026-12-01
+    "default-skin": replace(DEFAULT, skin=False, face=False),  # the default of 2026-12-01
+    "default-face": replace(DEFAULT, face=False),
     "default+hem": replace(DEFAULT, hem=True),
 }

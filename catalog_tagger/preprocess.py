@@ -11,8 +11,9 @@ Real photos are not Fashion-MNIST's source photos, so four steps were added (iss
 each measured per photo style in docs/zero-shot-accuracy.md): an item that is mostly
 invisible inside its own outline (white on white) is filled, and every item's pixels are
 lifted to at least a faint grey, so that it keeps its silhouette after negation; a tall
-object with a head on a neck over the shoulders (a top worn by a model) loses the head,
-and its bare arms (the face's colour, worn.py); and a cluttered backdrop (floor, bed,
+object with a head over the shoulders (a top worn by a model: a head narrowing into a neck,
+or a face found by skin colour) loses the head, and its bare arms (the face's colour,
+worn.py); and a cluttered backdrop (floor, bed,
 carpet: a border far from one colour) is cut away with OpenCV's GrabCut, on the photo's
 colours (a JPEG is decoded as YCbCr for that: its Y plane is the grey the model sees).
 Light-on-black input takes none of them.
@@ -32,7 +33,7 @@ from .cutout import CLUTTER_SPREAD, object_mask
 from .levers import DEFAULT, V1, Levers
 from .model import ModelConfig
 from .shoe_pairs import one_of_a_pair
-from .worn import above_the_hem, bare_skin, below_the_neck
+from .worn import worn_garment
 
 PREPROCESSING = {
     "name": "fashion-mnist-conversion",
@@ -41,7 +42,7 @@ PREPROCESSING = {
         "exif-transpose", "first-frame", "alpha-onto-white", "to-8-bit", "noise-field -> empty frame",
         "estimate-background-from-border", "trim-background (tolerance 5%)",
         "fill-faint-item (white on white)", "cut-head-of-worn-photo",
-        "cut-bare-arms-of-worn-photo (the face's chroma)",
+        "cut-head-above-a-face (skin colour; long hair, hoods)", "cut-bare-arms-of-worn-photo (the face's chroma)",
         "cluttered-backdrop: grabcut-cutout on the colours (jpeg decoded as YCbCr, opencv)",
         "negate-if-light-background (background -> 0)", "item-floor 40", "resize-longest-edge", "unsharp-mask",
         "centre-on-square-canvas",
@@ -246,15 +247,7 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
     mask = _object_mask(probe, background, spread, levers if light else V1)
     skin = None
     if light and levers.head_crop:
-        body = below_the_neck(mask)
-        if levers.skin and colour is not None and body is not mask:
-            ycc = colour if colour.mode == "YCbCr" else colour.convert("YCbCr")
-            small = np.asarray(ycc.reduce(k) if k > 1 else ycc)
-            skin = bare_skin(body, mask & ~body, small)
-            body = body & ~skin if skin is not None else body
-            if levers.hem:
-                body = above_the_hem(body, small)
-        mask = body
+        mask, skin = worn_garment(mask, colour, k, levers)
     pair = one_of_a_pair(mask) if light and levers.pair != "none" else None
     if pair is not None:
         mask, others = pair

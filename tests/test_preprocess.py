@@ -353,6 +353,29 @@ def test_the_bare_arms_of_a_worn_t_shirt_leave_the_frame():
     assert (after[rows[0]] > 30).sum() > (middle(after) > 30).sum() + 4
 
 
+def test_a_head_framed_by_long_hair_is_found_by_its_face():
+    # Hair down to the shoulders hides the neck, so the silhouette never narrows: the face's
+    # skin colour says where the head ends.
+    from dataclasses import replace
+
+    from catalog_tagger.levers import DEFAULT
+    from catalog_tagger.preprocess import convert
+
+    photo = np.asarray(_worn_t_shirt((40, 70, 160))).copy()
+    photo[0:44, 34:66] = (40, 30, 20)  # long hair, from the crown over the shoulders
+    yy, xx = np.mgrid[0:160, 0:100]
+    photo[((yy - 18) ** 2 / 11**2 + (xx - 50) ** 2 / 8**2 <= 1)] = SKIN  # the face inside it
+    photo = Image.fromarray(photo, "RGB")
+    width = lambda out: int((out > 30).any(axis=0).sum())  # noqa: E731
+    height = lambda out: int((out > 30).any(axis=1).sum())  # noqa: E731
+    without = convert(photo, CONFIG, replace(DEFAULT, face=False))[0]
+    after = to_model_array(photo, CONFIG)[0]
+    # Scaled to 28 rows either way: without the head (a fifth of the figure) the body is
+    # shown larger, so it is wider in the frame.
+    assert height(without) == height(after) == 28
+    assert width(after) >= width(without) + 2
+
+
 def test_a_garment_the_colour_of_skin_and_a_grey_photo_keep_everything():
     from dataclasses import replace
 
