@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import SourceError
+from .errors import SourceError, UsageError
 from .schema import pass_through_names
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,13 @@ def open_source(source: Path, extensions: tuple[str, ...], path_col: str = "path
     """A folder is walked; a .csv/.parquet file is read as a manifest; anything else is refused."""
     source = Path(source)
     if source.is_dir():
+        # A folder has no columns to name: an option meant for a manifest would be ignored,
+        # and the user would get ids and paths other than the ones they asked for.
+        given = [name for name, value in (("--root", root), ("--id-col", id_col)) if value is not None]
+        given += ["--path-col"] if path_col != "path" else []
+        if given:
+            raise UsageError(f"{' and '.join(given)} name a manifest's columns and folder, but {source} is a "
+                             "folder; tag a manifest (CSV or Parquet) or leave them out")
         return Source(walk_folder(source, extensions), pa.schema([]), "folder", str(source))
     if not source.exists():
         raise SourceError(f"source not found: {source}")

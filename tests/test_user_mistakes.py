@@ -214,6 +214,14 @@ def test_an_out_name_too_long_once_its_suffixes_are_added_is_one_sentence(photos
 # -- 3: an empty or shrunken source keeps yesterday's output -----------------------------------
 
 
+@pytest.mark.parametrize("option", [["--root", "."], ["--id-col", "sku"], ["--path-col", "file"]])
+def test_manifest_options_with_a_folder_are_refused_not_ignored(photos, tmp_path, option):
+    # "--id-col sku" on a folder would silently give path ids where the user asked for SKUs.
+    out = tmp_path / "tags.parquet"
+    assert option[0] in one_sentence(cli("tag", photos, "--out", out, *option), 2)
+    assert not out.exists()
+
+
 def test_an_empty_source_stops_with_exit_5_and_keeps_the_previous_output(photos, tmp_path):
     out = tmp_path / "tags.parquet"
     assert cli("tag", photos, "--out", out, "--workers", "0").returncode == 0
