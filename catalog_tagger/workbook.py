@@ -226,12 +226,18 @@ def _read_xlsx(path: Path) -> list[ReviewRow]:
         raise DataError(f"{path} is not a readable .xlsx workbook ({exc.__class__.__name__}: {exc})") from exc
     sheets = [wb[REVIEW_SHEET]] if REVIEW_SHEET in wb.sheetnames else []
     sheets += [ws for ws in wb.worksheets if ws.title != REVIEW_SHEET and ws.sheet_state == "visible"]
+    # Every sheet with the header counts: people copy the sheet ("review (2)") and answer
+    # in the copy. learn keeps one row per photo and refuses two different answers.
+    rows: list[ReviewRow] | None = None
     for ws in sheets:
         for r, values in enumerate(ws.iter_rows(max_row=HEADER_SEARCH_ROWS, values_only=True), start=1):
             columns = _header_columns(values)
             if "path" in columns and "correct_label" in columns:
-                return _rows_below(path, ws, r, values, columns)
-    raise _missing_header(path)
+                rows = (rows or []) + _rows_below(path, ws, r, values, columns)
+                break
+    if rows is None:
+        raise _missing_header(path)
+    return rows
 
 
 def _rows_below(path: Path, ws: Any, header_row: int, header: Sequence[Any],
@@ -249,7 +255,8 @@ def _rows_below(path: Path, ws: Any, header_row: int, header: Sequence[Any],
     rows = []
     for r, values in enumerate(ws.iter_rows(min_row=header_row + 1, values_only=True), start=header_row + 1):
         get = {k: _cell(values[j]) if j < len(values) else "" for k, j in columns.items()}
-        rows.append(ReviewRow(f"{path.name} row {r}", get.get("image_id", ""), get["path"],
+        where = f"{path.name} row {r}" if ws.title == REVIEW_SHEET else f"{path.name} sheet '{ws.title}' row {r}"
+        rows.append(ReviewRow(where, get.get("image_id", ""), get["path"],
                               get["correct_label"], get.get("why", "")))
     if any(row.path and not row.correct_label for row in rows) and _has_formulas(path):
         _refuse_unsaved_formulas(path, ws.title, header_row, columns["correct_label"], rows)

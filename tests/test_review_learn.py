@@ -541,6 +541,35 @@ def test_learn_reads_formulas_whose_values_a_spreadsheet_saved_and_nothing_else(
     assert not any(r.correct_label for r in rows[5:])
 
 
+def test_answers_typed_into_a_copy_of_the_sheet_are_read(workbook: Path, tmp_path: Path) -> None:
+    # People duplicate the sheet ("review (2)") and answer there; the original stays empty.
+    from catalog_tagger.learn import collect_labels
+
+    labels = truth()
+
+    def answered_in_a_copy(dst: Path, first_answer: str | None = None) -> str:
+        wb = openpyxl.load_workbook(workbook)
+        copy = wb.copy_worksheet(wb[REVIEW_SHEET])
+        col = columns(copy)
+        for r in range(3, 6):
+            copy.cell(r, col["correct_label"]).value = labels[copy.cell(r, col["path"]).value]
+        if first_answer is not None:
+            wb[REVIEW_SHEET].cell(3, col["correct_label"]).value = first_answer
+        wb.save(dst)
+        return str(copy.title)
+
+    title = answered_in_a_copy(tmp_path / "copied.xlsx")
+    got = collect_labels([tmp_path / "copied.xlsx"], FASHION_MNIST_CLASSES)
+    assert len(got.rows) == 3 and all(labels[r.path] == r.correct_label for r in got.rows)
+    assert all(f"sheet '{title}' row" in r.where for r in got.rows)
+    # Two sheets that answer one photo differently: learn asks which to keep.
+    answered_in_a_copy(tmp_path / "two-answers.xlsx", first_answer="Bag")
+    rows = read_review_rows(tmp_path / "two-answers.xlsx")
+    assert rows[0].correct_label == "Bag" and labels[rows[0].path] != "Bag"
+    with pytest.raises(DataError, match="label the same photo .* differently"):
+        collect_labels([tmp_path / "two-answers.xlsx"], FASHION_MNIST_CLASSES)
+
+
 def test_clopper_pearson_lower_bound_is_exact() -> None:
     # Known values: 10/10 at 90% one-sided is 0.1 ** (1/10); 0 successes bound 0.
     assert clopper_pearson_lower(10, 10) == pytest.approx(0.1 ** 0.1, abs=1e-5)
