@@ -107,7 +107,6 @@ def below_the_face(mask: np.ndarray, ycc: np.ndarray) -> np.ndarray:
     return cut
 
 
-
 # Skin is told from a garment by its chroma, measured on the model's own face: a pixel within
 # SKIN_CHROMA of the face's (Cb, Cr) is skin (dev thumbnails: 15-25 all within 0.3 points of
 # each other; 6 keeps half the arms, 35 eats warm-coloured tops). Skin tones of every shade
