@@ -13,10 +13,9 @@ invisible inside its own outline (white on white) is filled, and every item's pi
 lifted to at least a faint grey, so that it keeps its silhouette after negation; a tall
 object with a head over the shoulders (a top worn by a model: a head narrowing into a neck,
 or a face found by skin colour) loses the head, and its bare arms (the face's colour,
-worn.py); and a cluttered backdrop (floor, bed,
-carpet: a border far from one colour) is cut away with OpenCV's GrabCut, on the photo's
-colours (a JPEG is decoded as YCbCr for that: its Y plane is the grey the model sees).
-Light-on-black input takes none of them.
+worn.py); and a cluttered backdrop (floor, bed, carpet: a border far from one colour) is
+cut away with OpenCV's GrabCut, on the photo's colours (a JPEG is decoded as YCbCr for
+that: its Y plane is the grey the model sees). Light-on-black input takes none of them.
 
 Training on the Fashion-MNIST IDX files skips this function only because those images
 are its output already; a test tags the test set written out as PNG files and checks the
@@ -218,6 +217,14 @@ def _bbox(mask: np.ndarray, k: int, full: tuple[int, int]) -> tuple[int, int, in
     return (left * k, top * k, min(full[0], right * k), min(full[1], bottom * k))
 
 
+def _within(mask: np.ndarray, bbox: tuple[int, int, int, int], k: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The part of a probe-sized ``mask`` inside ``bbox`` (full-size pixels), at the crop's
+    ``shape``: which of the crop's pixels to blank."""
+    box = (slice(bbox[1] // k, -(-bbox[3] // k)), slice(bbox[0] // k, -(-bbox[2] // k)))
+    part = Image.fromarray(mask[box].astype(np.uint8) * 255)
+    return np.asarray(part.resize((shape[1], shape[0]), Image.Resampling.NEAREST)) > 127
+
+
 def to_model_array(img: Image.Image, config: ModelConfig) -> np.ndarray:
     """A decoded PIL image -> uint8 array (C, S, S) in Fashion-MNIST form (light on black)."""
     return convert(img, config, DEFAULT)
@@ -282,15 +289,10 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
         if levers.blank_outside_mask:
             out = out * soft
     if skin is not None and bbox is not None:
-        box = (slice(bbox[1] // k, -(-bbox[3] // k)), slice(bbox[0] // k, -(-bbox[2] // k)))
-        bare = Image.fromarray(skin[box].astype(np.uint8) * 255)
-        gone = np.asarray(bare.resize((out.shape[1], out.shape[0]), Image.Resampling.NEAREST)) > 127
-        out = np.where(gone[..., None], 0.0, out)
+        out = np.where(_within(skin, bbox, k, out.shape)[..., None], 0.0, out)
     if pair is not None and bbox is not None:
         # The other shoe's pixels inside this one's box (and a pixel around them) go.
-        box = (slice(bbox[1] // k, -(-bbox[3] // k)), slice(bbox[0] // k, -(-bbox[2] // k)))
-        near = Image.fromarray(_filter(others, ImageFilter.MaxFilter(3))[box].astype(np.uint8) * 255)
-        gone = np.asarray(near.resize((out.shape[1], out.shape[0]), Image.Resampling.NEAREST)) > 127
+        gone = _within(_filter(others, ImageFilter.MaxFilter(3)), bbox, k, out.shape)
         out = _turn(np.where(gone[..., None], 0.0, out), levers)
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
     return _fit(out, config.input_size)

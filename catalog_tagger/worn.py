@@ -46,13 +46,10 @@ def _tall(mask: np.ndarray) -> bool:
 def below_the_neck(mask: np.ndarray) -> np.ndarray:
     """A tall object whose top is a narrow blob over much wider shoulders is worn by a
     model: the head goes. Fashion-MNIST tops start at the collar."""
-    rows = np.nonzero(mask.any(axis=1))[0]
-    if rows.size < 8:
+    if not _tall(mask):
         return mask
+    rows = np.flatnonzero(mask.any(axis=1))
     top, bottom = rows[0], rows[-1] + 1
-    cols = np.nonzero(mask.any(axis=0))[0]
-    if bottom - top < 1.3 * (cols[-1] + 1 - cols[0]):
-        return mask
     widths = mask[top:bottom].sum(axis=1).astype(np.float32)
     widest = float(widths.max())
     head_zone = widths[: max(3, int(0.35 * len(widths)))]
@@ -84,9 +81,9 @@ FACE_MIN_AREA = 0.01
 def below_the_face(mask: np.ndarray, ycc: np.ndarray) -> np.ndarray:
     """A tall object with a face at its top, where the head does not narrow into a neck
     (long hair over the shoulders, a hood): everything down to the chin goes."""
-    cv2 = opencv()
     if not _tall(mask):
         return mask
+    cv2 = opencv()
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     top, height, left, width = rows[0], rows[-1] + 1 - rows[0], cols[0], cols[-1] + 1 - cols[0]
     zone = slice(top, top + int(0.3 * height))
