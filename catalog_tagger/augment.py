@@ -19,6 +19,7 @@ class AugmentOptions(TypedDict):
     headless_prob: float
     pair_prob: float
     floor_prob: float
+    above_prob: float
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -49,12 +50,13 @@ def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
 
 def train_augment(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *, pad: int = 2,
                   worn_prob: float = 0.0, headless_prob: float = 0.0, pair_prob: float = 0.0,
-                  floor_prob: float = 0.0) -> torch.Tensor:
+                  floor_prob: float = 0.0, above_prob: float = 0.0) -> torch.Tensor:
     """The augmentation applied to every training batch. ``labels`` are best on the CPU
     (the drawing decisions are taken there). A probability of 0 draws nothing from
     ``generator``, so adding an augmentation leaves the others' random streams as they were."""
     x = worn_by_a_model(x, labels, generator, worn_prob, headless_prob)
     x = shoes_in_pairs(x, labels, generator, pair_prob)
+    x = shoes_from_above(x, labels, generator, above_prob)
     x = lift_to_floor(x, generator, floor_prob)
     return random_translate(random_flip(x, generator), pad, generator)
 
@@ -263,16 +265,20 @@ def worn_by_a_model(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     return out
 
 
+def _some_shoes(labels: torch.Tensor, generator: torch.Generator, prob: float) -> torch.Tensor:
+    """Indices of the footwear items drawn with probability ``prob`` (none and no draw at 0)."""
+    if prob <= 0:
+        return torch.empty(0, dtype=torch.long)
+    chosen = torch.rand(len(labels), generator=generator) < prob
+    return torch.nonzero(torch.isin(labels.cpu(), torch.tensor(FOOTWEAR)) & chosen).flatten()
+
+
 def shoes_in_pairs(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, prob: float) -> torch.Tensor:
     """Show some shoes as a pair, side by side, as product photos often do: the item and a
     copy (mirrored or not, a little lower or higher) overlapping by up to half a shoe, the
     whole fitted back into the frame. Fashion-MNIST has one shoe per image."""
-    if prob <= 0:
-        return x
-    n, _, size, _ = x.shape
-    labels_cpu = labels.cpu()
-    pick = torch.nonzero(torch.isin(labels_cpu, torch.tensor(FOOTWEAR))
-                         & (torch.rand(n, generator=generator) < prob)).flatten()
+    size = x.shape[-1]
+    pick = _some_shoes(labels, generator, prob)
     if len(pick) == 0:
         return x
     u = torch.rand(len(pick), 3, generator=generator)
@@ -289,4 +295,91 @@ def shoes_in_pairs(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gener
     second = _resize_into(mirrored, top + drop, shift, same, same, frame)
     out = x.clone()
     out[pick.to(device), 0] = fit_to_canvas(torch.maximum(first, second), size).to(x.dtype)
+    return out
+
+
+# A shoe seen from above, as home photos show footwear (a pair on the floor, toes up): its
+# outline along the length t (0 = toe, 1 = heel), as a share of the widest point, the ball.
+BALL = 0.3  # where along the length the sole is widest
+WAIST = 0.7  # the arch is this much of the ball's width
+HEEL_ROUND = 0.15  # the last share of the length closes the heel in a half-ellipse
+
+
+def _sole_outline(t: torch.Tensor) -> torch.Tensor:
+    """Half-width of a sole along its length ``t`` in [0, 1], 1 at the ball."""
+    toe = (1 - ((BALL - t) / BALL).clamp(min=0) ** 2).clamp(min=0).sqrt()
+    arch = WAIST + (1 - WAIST) * (0.5 + 0.5 * torch.cos(torch.pi * ((t - BALL) / (1 - BALL)).clamp(0, 1) * 2))
+    body = torch.where(t < BALL, toe, arch)
+    heel = (1 - ((t - (1 - HEEL_ROUND)) / HEEL_ROUND).clamp(min=0) ** 2).clamp(min=0).sqrt()
+    return body * heel * ((t >= 0) & (t <= 1))
+
+
+def shoes_from_above(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, prob: float
+                     ) -> torch.Tensor:
+    """Show some shoes as seen from above, toes up, mostly in pairs, as people photograph
+    footwear at home: Fashion-MNIST has side views only, and after the conversion a pair from
+    above reads as a Bag or a Trouser. The side view's columns become the sole's length and
+    each column's height its width, the top of the shoe (laces, straps, the collar) along the
+    middle and the sole at the edges, as one sees them from above."""
+    size = x.shape[-1]
+    pick = _some_shoes(labels, generator, prob)
+    if len(pick) == 0:
+        return x
+    k = len(pick)
+    u = torch.rand(k, 5, generator=generator)
+    device = x.device
+    shoe = x[pick.to(device), 0].float()
+    lit = shoe > ITEM_LEVEL
+    cols_lit = lit.any(1)
+    rows_idx = torch.arange(size, device=device).view(1, size, 1)
+    top = torch.where(lit, rows_idx, size).amin(1).float()  # (k, size) per column
+    bottom = torch.where(lit, rows_idx, -1).amax(1).float()
+    col_idx = torch.arange(size, device=device).view(1, size)
+    first = torch.where(cols_lit, col_idx, size).amin(1).float()
+    last = torch.where(cols_lit, col_idx, -1).amax(1).float()
+    # Which end is the toe: Fashion-MNIST shoes mostly face left, the heel (the higher end) right.
+    left_high = top[:, :size // 2].masked_fill(~cols_lit[:, :size // 2], size).amin(1)
+    right_high = top[:, size // 2:].masked_fill(~cols_lit[:, size // 2:], size).amin(1)
+    toe_right = left_high < right_high
+
+    # The footbed's tone: the side view's sole, the lowest lit row of each column, on average.
+    sole = shoe.gather(1, bottom.clamp(min=0).long().unsqueeze(1))[:, 0]
+    footbed = 0.8 * (sole * cols_lit).sum(1) / cols_lit.sum(1).clamp(min=1)
+
+    length, width = 2 * size, 2 * size + size // 2  # the canvas: one sole's length tall
+    half = (0.17 + 0.07 * u[:, 0]).to(device).view(k, 1, 1) * length  # the ball's half-width, pixels
+    gap = (u[:, 1] * 0.12 * length).to(device).view(k, 1, 1)
+    single = (u[:, 2] < 0.25).to(device).view(k, 1, 1)
+    drop = ((u[:, 3] - 0.5) * 0.2 * length).to(device).view(k, 1, 1)  # the second shoe a little ahead
+    r = torch.arange(length, device=device).view(1, length, 1).float() + 0.5
+    c = torch.arange(width, device=device).view(1, 1, width).float() + 0.5
+    # Toes turned out or in a little, the two feet alike (mirrored).
+    angle = ((u[:, 4] - 0.5) * 0.6).to(device).view(k, 1, 1)
+    centre = torch.where(single, torch.full_like(gap, width / 2), width / 2 - gap / 2 - half)
+    feet = []
+    for offset, centre_c, turn in ((torch.zeros_like(drop), centre, angle), (drop, width - centre, -angle)):
+        # Rotate the canvas about the sole's middle, then read the sole in its own frame.
+        dr, dc = r - offset - length / 2, c - centre_c
+        rr = dr * torch.cos(turn) - dc * torch.sin(turn) + length / 2
+        cc = dr * torch.sin(turn) + dc * torch.cos(turn)
+        t = rr / length
+        reach = half * _sole_outline(t)
+        s = cc / reach.clamp(min=1e-6)
+        inside = (s.abs() <= 1) & (reach > 0)
+        # Where in the side view each pixel of the sole comes from.
+        along = torch.where(toe_right.view(k, 1, 1), 1 - t, t).clamp(0, 1)
+        src_c = first.view(k, 1, 1) + along * (last - first).view(k, 1, 1)
+        col = src_c.round().long().clamp(0, size - 1).expand(k, length, width)
+        col_top = top.gather(1, col.reshape(k, -1)).view(k, length, width)
+        col_bottom = bottom.gather(1, col.reshape(k, -1)).view(k, length, width)
+        src_r = col_top + s.abs().clamp(max=1) * (col_bottom - col_top).clamp(min=0)
+        grid = torch.stack([(src_c.expand(k, length, width) + 0.5) / size * 2 - 1,
+                            (src_r + 0.5) / size * 2 - 1], dim=-1)
+        sampled = F.grid_sample(shoe.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+                                align_corners=False)[:, 0]
+        # Seen from above, the footbed shows between a sandal's straps.
+        feet.append(torch.maximum(sampled, footbed.view(k, 1, 1)) * inside * (col_bottom >= col_top))
+    canvas = torch.where(single, feet[0], torch.maximum(feet[0], feet[1]))
+    out = x.clone()
+    out[pick.to(device), 0] = fit_to_canvas(canvas, size).to(x.dtype)
     return out

@@ -137,6 +137,8 @@ def labeled_photo_options(func: F) -> F:
               show_default=True, help="Share of shoes shown as a pair, side by side.")
 @click.option("--floor-prob", type=FiniteFloatRange(0, 1), default=default(TrainConfig, "floor_prob"),
               show_default=True, help="Share of items whose dark inside is lifted as tag's conversion lifts it.")
+@click.option("--above-prob", type=FiniteFloatRange(0, 1), default=default(TrainConfig, "above_prob"),
+              show_default=True, help="Share of shoes shown from above, toes up, mostly as a pair (home photos).")
 @click.option("--flip-tta/--no-flip-tta", default=default(TrainConfig, "flip_tta"), show_default=True,
               help="Average each prediction with the mirror image's (one more forward pass).")
 @click.option("--mixed-precision/--no-mixed-precision", default=default(TrainConfig, "mixed_precision"),
@@ -158,7 +160,7 @@ def labeled_photo_options(func: F) -> F:
 @reports_errors
 def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, batch_size: int, lr: float,
           seed: int, val_size: int, worn_prob: float, headless_prob: float, pair_prob: float, floor_prob: float,
-          flip_tta: bool, mixed_precision: bool, data: Path | None,
+          above_prob: float, flip_tta: bool, mixed_precision: bool, data: Path | None,
           manifest: Path | None, path_col: str, label_col: str, input_size: int, channels: str, val_fraction: float,
           init: Path | None, workers: int | None, device: str, resume: bool, overwrite: bool) -> None:
     """Train a garment classifier on Fashion-MNIST, or on your own labeled photos."""
@@ -166,7 +168,7 @@ def train(ctx: click.Context, out: Path, data_dir: Path | None, epochs: int, bat
 
     config = TrainConfig(out=out, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          val_size=val_size, worn_prob=worn_prob, headless_prob=headless_prob, pair_prob=pair_prob,
-                         floor_prob=floor_prob, flip_tta=flip_tta,
+                         floor_prob=floor_prob, above_prob=above_prob, flip_tta=flip_tta,
                          mixed_precision=mixed_precision, data=data, manifest=manifest, path_col=path_col,
                          label_col=label_col, input_size=input_size, channels=int(channels),
                          val_fraction=val_fraction, init=init, workers=workers, device=device, resume=resume,

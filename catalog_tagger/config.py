@@ -42,10 +42,11 @@ class TrainConfig:
     worn_prob: float = 0.3
     # What the conversion of a real photo does to it, shown to the network on Fashion-MNIST
     # items (augment.train_augment): worn tops with the head cut off (a share of the worn
-    # ones), shoes in pairs, item pixels lifted to the conversion's floor.
+    # ones), shoes in pairs, item pixels lifted to the conversion's floor, shoes seen from above.
     headless_prob: float = 0.0
     pair_prob: float = 0.0
     floor_prob: float = 0.0
+    above_prob: float = 0.0
     flip_tta: bool = True
     # bf16 autocast where the hardware computes bf16 natively (GPU, AVX512-BF16/AMX CPU).
     mixed_precision: bool = True

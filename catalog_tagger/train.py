@@ -90,6 +90,7 @@ class StepSettings:
     headless_prob: float = 0.0
     pair_prob: float = 0.0
     floor_prob: float = 0.0
+    above_prob: float = 0.0
     # float32, or torch.bfloat16 for bf16 autocast (runtime.training_dtype decides which).
     dtype: torch.dtype = torch.float32
     dist_info: DistInfo = DistInfo()
@@ -98,7 +99,7 @@ class StepSettings:
     def augment(self) -> AugmentOptions:
         """The augmentation's options (augment.train_augment)."""
         return {"worn_prob": self.worn_prob, "headless_prob": self.headless_prob, "pair_prob": self.pair_prob,
-                "floor_prob": self.floor_prob}
+                "floor_prob": self.floor_prob, "above_prob": self.above_prob}
 
 
 @dataclass
@@ -324,7 +325,7 @@ def _fit(config: TrainConfig, command: str, progress: bool, info: DistInfo) -> d
     settings = StepSettings(
         batch_size=config.batch_size, device=device, label_smoothing=config.label_smoothing,
         **({"worn_prob": config.worn_prob, "headless_prob": config.headless_prob, "pair_prob": config.pair_prob,
-            "floor_prob": config.floor_prob} if fmnist_like else {}),
+            "floor_prob": config.floor_prob, "above_prob": config.above_prob} if fmnist_like else {}),
         dtype=training_dtype(device, config.mixed_precision), dist_info=info, progress=progress)
     _train_epochs(state, config, data, settings, out / STATE_FILE, started)
     if not info.is_main:

@@ -16,6 +16,7 @@ from catalog_tagger.augment import (
     fit_to_canvas,
     lift_to_floor,
     resample_weights,
+    shoes_from_above,
     shoes_in_pairs,
     train_augment,
     worn_by_a_model,
@@ -122,7 +123,37 @@ def test_shoes_in_pairs_shows_two_shoes_side_by_side():
     assert (width == 28).all() and (height < 24).all()  # the pair is much wider than tall
 
 
-@pytest.mark.parametrize("option", ["headless_prob", "pair_prob", "floor_prob"])
+def _side_views(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shoes as Fashion-MNIST draws them, toe left: a long low sole and a thin strap up to the
+    heel, most of their box empty (a sandal)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(n, 1, 28, 28)
+    x[:, :, 20:23, 1:27] = 0.5 + 0.5 * torch.rand(n, 1, 3, 26, generator=g)  # the sole
+    x[:, :, 10:20, 22:24] = 0.8  # the heel strap
+    x[:, :, 14:16, 4:24] = 0.6  # a strap over the foot
+    return x, torch.tensor(FOOTWEAR).repeat(n // len(FOOTWEAR) + 1)[:n]
+
+
+def test_shoes_from_above_stand_toes_up_on_a_footbed():
+    x, labels = _side_views(60)
+    labels[::5] = 0  # a T-shirt/top now and then: left as it is
+    out = shoes_from_above(x, labels, torch.Generator().manual_seed(0), 1.0)
+    shoes = torch.isin(labels, torch.tensor(FOOTWEAR))
+    assert torch.equal(out[~shoes], x[~shoes])
+    assert out.min() >= 0 and out.max() <= 1
+    lit = out[shoes, 0] > 0.05
+    rows, cols = lit.any(2).sum(1), lit.any(1).sum(1)
+    # The side view is twice as wide as tall; from above a sole stands upright, and a pair
+    # side by side is at most about as wide as long.
+    side = x[shoes, 0] > 0.05
+    assert (side.any(1).sum(1) >= 2 * side.any(2).sum(1)).all()
+    assert (cols <= 1.25 * rows).all() and (rows >= cols).float().mean() >= 0.6
+    # The straps' gaps are filled by the footbed: the soles cover most of their outline.
+    assert lit.float().sum((1, 2)).div(rows * cols).min() > 0.5
+    assert (x[shoes, 0] > 0.05).float().mean() < 0.3
+
+
+@pytest.mark.parametrize("option", ["headless_prob", "pair_prob", "floor_prob", "above_prob"])
 def test_an_augmentation_left_at_zero_draws_nothing(option):
     """Adding an augmentation option leaves every other random stream (and so a run trained
     without it, and its --resume) as it was."""
