@@ -28,6 +28,15 @@ def opencv() -> ModuleType:
     return cv2
 
 
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) around a 2-D boolean mask's pixels, right and bottom
+    exclusive; None when it has none. One OpenCV call: numpy's scans of the rows and the
+    columns took 6 us on a thumbnail's mask (1 us here), and a conversion asks up to five
+    times per photo."""
+    left, top, width, height = opencv().boundingRect(np.asarray(mask, dtype=bool).view(np.uint8))
+    return None if width == 0 else (left, top, left + width, top + height)
+
+
 def grabcut(probe: np.ndarray, iterations: int = 4) -> np.ndarray | None:
     """Object mask by GrabCut, started from "the object is inside a 6% inset"."""
     cv2 = opencv()

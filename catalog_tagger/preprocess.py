@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .cutout import CLUTTER_SPREAD, object_mask
+from .cutout import CLUTTER_SPREAD, mask_box, object_mask
 from .levers import DEFAULT, V1, Levers
 from .model import ModelConfig
 from .shoe_pairs import one_of_a_pair
@@ -62,6 +62,7 @@ SHARPEN_BELOW_SCALE = 0.75
 MIN_NEIGHBOUR_CORRELATION = 0.2
 NOISE_BORDER_SPREAD = 1.0
 SHARPEN_PERCENT = 50
+_SHARPEN = ImageFilter.UnsharpMask(radius=1, percent=SHARPEN_PERCENT, threshold=0)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
@@ -112,7 +113,9 @@ FAINT_SHARE = 0.5
 
 def _probe(img: Image.Image, size: int) -> tuple[np.ndarray, int]:
     """A box-reduced copy (about four pixels per output pixel), as (H, W, C) float32, and
-    its reduction factor: sensor and JPEG noise average out at this size."""
+    its reduction factor: sensor and JPEG noise average out at this size. At ``k`` = 1 (a
+    thumbnail) the probe is the photo itself, and the conversion crops it rather than read
+    the photo out of Pillow a second time."""
     k = max(1, max(img.size) // (4 * size))
     probe = img.reduce(k) if k > 1 else img
     arr = np.asarray(probe)
@@ -192,13 +195,14 @@ def _object_mask(a: np.ndarray, background: np.ndarray, spread: float, levers: L
         # Only a faint item (white on white: mostly invisible inside its outline) is
         # filled; filling a worn top would also fill the gaps between arms and body.
         # An item covering half its box already cannot be faint: skip the fill (speed).
-        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        if rows.size:
-            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        extent = mask_box(mask)
+        if extent is not None:
+            box = (slice(extent[1], extent[3]), slice(extent[0], extent[2]))
             inner = mask[box]
-            if inner.sum() < FAINT_SHARE * inner.size:
+            covered = np.count_nonzero(inner)  # a third of bool.sum()'s cost, the same count
+            if covered < FAINT_SHARE * inner.size:
                 filled = _fill_holes(inner)
-                if inner.sum() < FAINT_SHARE * filled.sum():
+                if covered < FAINT_SHARE * np.count_nonzero(filled):
                     mask = mask.copy()
                     mask[box] = filled
     return mask
@@ -207,11 +211,8 @@ def _object_mask(a: np.ndarray, background: np.ndarray, spread: float, levers: L
 def _bbox(mask: np.ndarray, k: int, full: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """The box (left, top, right, bottom) around the mask's pixels, scaled by ``k`` to the
     full image; None for an empty mask (Pillow's ``getbbox`` convention)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    if k == 1:
+    box = mask_box(mask)
+    if box is None or k == 1:
         return box
     left, top, right, bottom = box
     return (left * k, top * k, min(full[0], right * k), min(full[1], bottom * k))
@@ -221,6 +222,8 @@ def _within(mask: np.ndarray, bbox: tuple[int, int, int, int], k: int, shape: tu
     """The part of a probe-sized ``mask`` inside ``bbox`` (full-size pixels), at the crop's
     ``shape``: which of the crop's pixels to blank."""
     box = (slice(bbox[1] // k, -(-bbox[3] // k)), slice(bbox[0] // k, -(-bbox[2] // k)))
+    if mask[box].shape == shape[:2]:
+        return mask[box]  # the probe is the photo (k = 1, thumbnails): nothing to resize
     part = Image.fromarray(mask[box].astype(np.uint8) * 255)
     return np.asarray(part.resize((shape[1], shape[0]), Image.Resampling.NEAREST)) > 127
 
@@ -259,14 +262,14 @@ def convert(img: Image.Image, config: ModelConfig, levers: Levers) -> np.ndarray
     if pair is not None:
         mask, others = pair
     bbox = _bbox(mask, k, img.size)
-    arr = np.asarray(img)
+    arr = probe if k == 1 else np.asarray(img)
     if bbox is not None:
         arr = arr[bbox[1] : bbox[3], bbox[0] : bbox[2]]
 
     # Map the background to 0 and the far end of the range to 255, per channel: plain
     # negation for white backdrops, and a gentle stretch for grey or off-white ones.
     bg = background.astype(np.float32).reshape(1, 1, -1)
-    a = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.float32)
+    a = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.float32, copy=False)
     if light:
         out = (bg - a) * (255.0 / np.maximum(bg, 1.0))
     else:
@@ -373,18 +376,24 @@ def _fit(out: np.ndarray, size: int) -> np.ndarray:
     h, w = out.shape[:2]
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    small = Image.fromarray(out.squeeze(2) if out.shape[2] == 1 else out)
-    if (new_w, new_h) != (w, h):
-        small = small.resize((new_w, new_h), Image.Resampling.BOX if scale < 0.5 else Image.Resampling.BILINEAR)
-    if scale < SHARPEN_BELOW_SCALE:
-        # Fashion-MNIST's conversion sharpens after shrinking, to undo the blur of the
-        # resize; an image that was not shrunk (already Fashion-MNIST-like) is left alone.
-        small = small.filter(ImageFilter.UnsharpMask(radius=1, percent=SHARPEN_PERCENT, threshold=0))
-    canvas = Image.new(small.mode, (size, size), 0)
+    small = out.squeeze(2) if out.shape[2] == 1 else out
+    # Pillow only where it resizes or sharpens: an image already at its size (Fashion-MNIST
+    # itself) goes onto the canvas as it is.
+    if (new_w, new_h) != (w, h) or scale < SHARPEN_BELOW_SCALE:
+        picture = Image.fromarray(small)
+        if (new_w, new_h) != (w, h):
+            picture = picture.resize((new_w, new_h), Image.Resampling.BOX if scale < 0.5 else Image.Resampling.BILINEAR)
+        if scale < SHARPEN_BELOW_SCALE:
+            # Fashion-MNIST's conversion sharpens after shrinking, to undo the blur of the
+            # resize; an image that was not shrunk (already Fashion-MNIST-like) is left alone.
+            picture = picture.filter(_SHARPEN)
+        small = np.asarray(picture)
+    # A numpy canvas: Pillow's new + paste + read-back cost three calls for a copy.
     # Fashion-MNIST puts the odd pixel of padding before the item, not after it.
-    canvas.paste(small, ((size - new_w + 1) // 2, (size - new_h + 1) // 2))
-    result = np.asarray(canvas)
-    return result[None] if result.ndim == 2 else result.transpose(2, 0, 1)
+    canvas = np.zeros((size, size, *small.shape[2:]), np.uint8)
+    top, left = (size - new_h + 1) // 2, (size - new_w + 1) // 2
+    canvas[top : top + new_h, left : left + new_w] = small
+    return canvas[None] if canvas.ndim == 2 else canvas.transpose(2, 0, 1)
 
 
 def draft_mode(config: ModelConfig, levers: Levers | None = None) -> str:

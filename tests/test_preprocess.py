@@ -554,5 +554,17 @@ def test_the_mask_box_is_pillows_getbbox():
     rng = np.random.default_rng(0)
     for shape, density in [((80, 60), 0.02), ((5, 7), 0.3), ((40, 40), 0.0), ((1, 1), 1.0)]:
         mask = rng.random(shape) < density
-        expected = Image.fromarray(mask.astype(np.uint8) * 255, "L").getbbox()
-        assert preprocess._bbox(mask, 1, shape[::-1]) == expected
+        for part in (mask, mask[1:, 2:]):  # whole masks and crops of them (strided views)
+            expected = Image.fromarray(part.astype(np.uint8) * 255, "L").getbbox()
+            assert preprocess._bbox(part, 1, part.shape[::-1]) == expected
+
+
+def test_tall_counts_the_rows_that_hold_the_item_not_its_span():
+    # Two blobs 20 rows apart span a tall box, but four rows hold the item: not a figure.
+    from catalog_tagger.worn import _tall
+
+    mask = np.zeros((40, 20), bool)
+    mask[5:7, 8:12] = mask[25:27, 8:12] = True
+    assert not _tall(mask)
+    mask[5:27, 10] = True  # joined by a line: 22 rows hold it
+    assert _tall(mask)
