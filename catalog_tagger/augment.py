@@ -303,6 +303,16 @@ def shoes_in_pairs(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gener
 BALL = 0.3  # where along the length the sole is widest
 WAIST = 0.7  # the arch is this much of the ball's width
 HEEL_ROUND = 0.15  # the last share of the length closes the heel in a half-ellipse
+# How the pair lies and how the camera sees it. The ball's half-width, as a share of the
+# sole's length (a shoe is 2.5-3.5 times as long as wide at the ball, a pair 1.2-1.8 times
+# as wide as one shoe is long).
+HALF_WIDTH = (0.20, 0.28)
+# The gap between the two shoes of a pair, as a share of the length: people set a pair down
+# side by side, touching or a little apart.
+PAIR_GAP = (-0.04, 0.06)
+# A camera held at standing height looks down on the floor at up to about 50 degrees from
+# the vertical: the length shrinks to this share (cos 50 = 0.64), the width does not.
+FORESHORTENING = (0.6, 1.0)
 
 
 def _sole_outline(t: torch.Tensor) -> torch.Tensor:
@@ -320,13 +330,14 @@ def shoes_from_above(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gen
     footwear at home: Fashion-MNIST has side views only, and after the conversion a pair from
     above reads as a Bag or a Trouser. The side view's columns become the sole's length and
     each column's height its width, the top of the shoe (laces, straps, the collar) along the
-    middle and the sole at the edges, as one sees them from above."""
+    middle and the sole at the edges, as one sees them from above, standing: the length
+    foreshortened, the two shoes of a pair close together."""
     size = x.shape[-1]
     pick = _some_shoes(labels, generator, prob)
     if len(pick) == 0:
         return x
     k = len(pick)
-    u = torch.rand(k, 5, generator=generator)
+    u = torch.rand(k, 6, generator=generator)
     device = x.device
     shoe = x[pick.to(device), 0].float()
     lit = shoe > ITEM_LEVEL
@@ -346,9 +357,15 @@ def shoes_from_above(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gen
     sole = shoe.gather(1, bottom.clamp(min=0).long().unsqueeze(1))[:, 0]
     footbed = 0.8 * (sole * cols_lit).sum(1) / cols_lit.sum(1).clamp(min=1)
 
-    length, width = 2 * size, 2 * size + size // 2  # the canvas: one sole's length tall
-    half = (0.17 + 0.07 * u[:, 0]).to(device).view(k, 1, 1) * length  # the ball's half-width, pixels
-    gap = (u[:, 1] * 0.12 * length).to(device).view(k, 1, 1)
+    length, width = 2 * size, 3 * size  # the canvas: one sole's length tall, a wide pair across
+
+    def draw(column: int, bounds: tuple[float, float]) -> torch.Tensor:
+        low, high = bounds
+        return (low + (high - low) * u[:, column]).to(device).view(k, 1, 1)
+
+    half = draw(0, HALF_WIDTH) * length  # the ball's half-width, pixels
+    gap = draw(1, PAIR_GAP) * length
+    seen = draw(5, FORESHORTENING) * length  # the sole's length as the camera sees it
     single = (u[:, 2] < 0.25).to(device).view(k, 1, 1)
     drop = ((u[:, 3] - 0.5) * 0.2 * length).to(device).view(k, 1, 1)  # the second shoe a little ahead
     r = torch.arange(length, device=device).view(1, length, 1).float() + 0.5
@@ -362,7 +379,7 @@ def shoes_from_above(x: torch.Tensor, labels: torch.Tensor, generator: torch.Gen
         dr, dc = r - offset - length / 2, c - centre_c
         rr = dr * torch.cos(turn) - dc * torch.sin(turn) + length / 2
         cc = dr * torch.sin(turn) + dc * torch.cos(turn)
-        t = rr / length
+        t = (rr - length / 2) / seen + 0.5
         reach = half * _sole_outline(t)
         s = cc / reach.clamp(min=1e-6)
         inside = (s.abs() <= 1) & (reach > 0)
