@@ -304,8 +304,8 @@ BALL = 0.3  # where along the length the sole is widest
 WAIST = 0.7  # the arch is this much of the ball's width
 HEEL_ROUND = 0.15  # the last share of the length closes the heel in a half-ellipse
 # How the pair lies and how the camera sees it. The ball's half-width, as a share of the
-# sole's length (a shoe is 2.5-3.5 times as long as wide at the ball, a pair 1.2-1.8 times
-# as wide as one shoe is long).
+# sole's length: a shoe drawn 1.8-2.5 times as long as wide, wider than a bare sole, as the
+# upper looks from standing height (a pair side by side about as wide as a shoe is long).
 HALF_WIDTH = (0.20, 0.28)
 # The gap between the two shoes of a pair, as a share of the length: people set a pair down
 # side by side, touching or a little apart.
