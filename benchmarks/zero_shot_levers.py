@@ -86,8 +86,8 @@ def predict(models: list[LoadedModel], arrays: np.ndarray) -> np.ndarray:
     out = []
     for i in range(0, len(arrays), 512):
         x = torch.from_numpy(arrays[i : i + 512]).float().div_(255)
-        probs = sum(torch.softmax(m.model(x) / m.temperature, dim=1) for m in models)
-        out.append(probs.argmax(1).numpy())  # type: ignore[union-attr]
+        probs = torch.stack([torch.softmax(m.model(x) / m.temperature, dim=1) for m in models])
+        out.append(probs.mean(0).argmax(1).numpy())
     return np.concatenate(out)
 
 
